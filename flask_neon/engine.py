@@ -1,0 +1,249 @@
+"""Build one SQLAlchemy engine per app: pool, connect arguments and the events that keep it safe.
+
+The events installed here are the reason flask-neon survives Neon's failure modes:
+
+* session limits (``statement_timeout``, ``idle_in_transaction_session_timeout``) reach the
+  server as startup options on a direct host, or with ``SET LOCAL`` per transaction through a
+  pooler, which rejects startup options and drops session state;
+* a liveness check on checkout that costs no round trip for a recently used connection;
+* connect retries with backoff and jitter, bounded by ``DB_CONNECT_TIMEOUT``, for computes
+  that are waking up;
+* fork safety: a forked child never touches its parent's sockets.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import random
+import select
+import time
+import typing as t
+import weakref
+
+import sqlalchemy as sa
+import sqlalchemy.exc as sa_exc
+from sqlalchemy import event
+from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+
+from .errors import classify
+from .profiles import PoolConfig
+from .settings import NeonSettings
+from .url import DatabaseURL
+
+log = logging.getLogger("flask_neon")
+
+#: Causes worth another connect attempt: the server may answer a moment later.
+RETRYABLE_CONNECT_CAUSES = frozenset({"connection_refused", "compute_waking", "connection_lost"})
+_LAST_CHECKIN = "flask_neon.last_checkin"
+_BACKOFF_BASE = 0.1
+_BACKOFF_CAP = 2.0
+# libpq rounds connect_timeout down to whole seconds and treats anything below 2 as 2.
+_MIN_ATTEMPT_SECONDS = 2
+
+_engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+_process_hooks_installed = False
+
+
+def limits_mode(
+    settings: NeonSettings, pooled: bool
+) -> t.Literal["startup", "transaction", "off"]:
+    """How the session limits reach the server for this URL."""
+    if settings.session_limits == "auto":
+        return "transaction" if pooled else "startup"
+    return settings.session_limits
+
+
+def limit_parameters(settings: NeonSettings) -> dict[str, str]:
+    """The server parameters flask-neon enforces, in milliseconds, omitting disabled ones."""
+    limits = {
+        "statement_timeout": settings.statement_timeout,
+        "idle_in_transaction_session_timeout": settings.idle_in_transaction_timeout,
+    }
+    return {name: str(round(seconds * 1000)) for name, seconds in limits.items() if seconds > 0}
+
+
+def make_engine(
+    url: DatabaseURL,
+    settings: NeonSettings,
+    pool: PoolConfig,
+    *,
+    pooled: bool,
+    application_name: str = "flask-neon",
+) -> sa.Engine:
+    """Create the engine for one app. Call once per app and process; never per request."""
+    mode = limits_mode(settings, pooled)
+    limits = limit_parameters(settings)
+    connect_args = _connect_args(url, settings, application_name)
+    if mode == "startup" and limits:
+        flags = " ".join(f"-c {name}={value}" for name, value in limits.items())
+        user_options = url.query_dict.get("options", "")
+        connect_args["options"] = f"{user_options} {flags}".strip()
+
+    engine = sa.create_engine(
+        url.to_sqlalchemy(),
+        pool_size=pool.pool_size,
+        max_overflow=pool.max_overflow,
+        pool_timeout=pool.pool_timeout,
+        pool_recycle=pool.pool_recycle,
+        # LIFO hands out the connection used last: the one most likely alive and recently
+        # used, so the liveness check below can skip its round trip.
+        pool_use_lifo=True,
+        pool_pre_ping=False,
+        echo=settings.echo,
+        # Parameters carry user data and sometimes secrets: keep them out of logs and errors.
+        hide_parameters=True,
+        connect_args=connect_args,
+    )
+    if mode == "transaction" and limits:
+        _install_per_transaction_limits(engine, limits)
+    _install_liveness_check(engine, settings.ping_after_idle)
+    _install_connect_retry(engine, settings, url.secrets())
+    _register(engine)
+    return engine
+
+
+def _connect_args(
+    url: DatabaseURL, settings: NeonSettings, application_name: str
+) -> dict[str, t.Any]:
+    query = url.query_dict
+    defaults: dict[str, t.Any] = {
+        "connect_timeout": settings.connect_timeout,
+        "application_name": application_name[:63],
+        # Keepalives let the OS notice a dead peer during a long query or an idle period
+        # (a suspended compute that never sent a FIN) within about a minute.
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+    }
+    return {key: value for key, value in defaults.items() if key not in query}
+
+
+def _install_per_transaction_limits(engine: sa.Engine, limits: dict[str, str]) -> None:
+    # A pooler drops session state after each transaction, so the limits are set per
+    # transaction. SET LOCAL ends with the transaction and never leaks to another client.
+    statement = "; ".join(f"SET LOCAL {name} = {int(value)}" for name, value in limits.items())
+
+    @event.listens_for(engine, "begin")
+    def _set_local_limits(connection: sa.Connection) -> None:
+        connection.exec_driver_sql(statement)
+
+
+def _install_liveness_check(engine: sa.Engine, ping_after_idle: float) -> None:
+    """Validate a pooled connection on checkout, paying a round trip only when it is needed.
+
+    A server that terminates a backend (restart, ``pg_terminate_backend``, a suspended
+    compute) sends an error and closes the socket, so the socket of a dead idle connection
+    is readable: ``poll()`` with no timeout finds it for the price of a system call. Only a
+    connection idle longer than ``ping_after_idle`` (when the peer may have vanished without a
+    word) or one with unexpected input is pinged. Failures raise ``DisconnectionError``, which
+    makes the pool replace the connection and hand out a fresh one.
+    """
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkin")
+    def _remember_checkin(dbapi_connection: t.Any, record: ConnectionPoolEntry) -> None:
+        record.info[_LAST_CHECKIN] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _check_alive(
+        dbapi_connection: t.Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+    ) -> None:
+        last_checkin = record.info.get(_LAST_CHECKIN)
+        if last_checkin is None:
+            return  # Opened just now for this checkout.
+        if dbapi_connection.closed:
+            raise sa_exc.DisconnectionError("connection was closed while idle in the pool")
+        if not _has_input(dbapi_connection) and (
+            time.monotonic() - last_checkin < ping_after_idle
+        ):
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:
+            raise sa_exc.DisconnectionError(
+                f"connection failed its liveness check: {exc}"
+            ) from exc
+
+
+def _has_input(dbapi_connection: t.Any) -> bool:
+    """True when the server sent something to an idle connection, or closed it."""
+    fd = dbapi_connection.fileno()
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        return bool(poller.poll(0))
+    readable, _, errored = select.select([fd], [], [fd], 0)
+    return bool(readable or errored)
+
+
+def _install_connect_retry(engine: sa.Engine, settings: NeonSettings, secrets: list[str]) -> None:
+    """Retry transient connect failures with exponential backoff and full jitter.
+
+    The whole attempt, retries included, stays within ``DB_CONNECT_TIMEOUT``: each attempt gets
+    the time that is left as its libpq ``connect_timeout``. Only opening a connection is
+    retried; a statement is never re-sent.
+    """
+    budget = min(settings.connect_retry_seconds, float(settings.connect_timeout))
+    total = float(settings.connect_timeout)
+
+    @event.listens_for(engine, "do_connect")
+    def _connect(
+        dialect: sa.Dialect,
+        record: ConnectionPoolEntry,
+        cargs: tuple[t.Any, ...],
+        cparams: dict[str, t.Any],
+    ) -> t.Any:
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            remaining = total - (time.monotonic() - started)
+            params = {**cparams, "connect_timeout": max(_MIN_ATTEMPT_SECONDS, int(remaining))}
+            try:
+                return dialect.connect(*cargs, **params)
+            except Exception as exc:
+                attempt += 1
+                cause = classify(exc, secrets)
+                delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
+                elapsed = time.monotonic() - started + delay
+                if (
+                    cause.name not in RETRYABLE_CONNECT_CAUSES
+                    or elapsed >= budget
+                    or total - elapsed < _MIN_ATTEMPT_SECONDS
+                ):
+                    raise
+                log.info(
+                    "flask-neon: connect attempt %d failed (%s); retrying in %.2fs",
+                    attempt,
+                    cause.title,
+                    delay,
+                )
+                time.sleep(delay)
+
+
+def _register(engine: sa.Engine) -> None:
+    global _process_hooks_installed
+    _engines.add(engine)
+    if not _process_hooks_installed:
+        _process_hooks_installed = True
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_forget_parent_connections)
+        atexit.register(dispose_all)
+
+
+def _forget_parent_connections() -> None:
+    # The child inherits the parent's sockets. Using them would interleave two processes'
+    # traffic on one connection; closing them would close the parent's. Drop them unclosed.
+    for engine in list(_engines):
+        engine.dispose(close=False)
+
+
+def dispose_all() -> None:
+    """Close every engine flask-neon created in this process (registered with ``atexit``)."""
+    for engine in list(_engines):
+        try:
+            engine.dispose()
+        except Exception:  # pragma: no cover - best effort at interpreter exit
+            log.debug("flask-neon: dispose failed at exit", exc_info=True)

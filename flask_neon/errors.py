@@ -1,0 +1,316 @@
+"""Exceptions raised by flask-neon, and the one place that names the cause of a driver error.
+
+Every surface that reports a database failure (the startup check, ``flask db-check``, the health
+log, the 503 error handler) goes through :func:`classify`, so an operator reads the same cause
+and the same hint everywhere, and never the password.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing as t
+from urllib.parse import quote, quote_plus
+
+import sqlalchemy.exc as sa_exc
+
+
+class NeonError(Exception):
+    """Base class of every exception flask-neon raises."""
+
+
+class NeonConfigError(NeonError, ValueError):
+    """A setting is missing or invalid.
+
+    Raised by :meth:`NeonDB.init_app <flask_neon.NeonDB.init_app>`. The message names the setting,
+    the value (never a password) and what is allowed.
+    """
+
+
+class NeonStateError(NeonError, RuntimeError):
+    """The extension is used where it cannot work: before ``init_app`` or outside an app
+    context."""
+
+
+class DatabaseUnavailableError(NeonError):
+    """The database could not be reached or answered with a failure an operator must act on.
+
+    Attributes:
+        cause: The classified cause (``cause.name`` is stable and machine-readable).
+    """
+
+    def __init__(self, cause: ErrorCause, context: str = "") -> None:
+        self.cause = cause
+        prefix = f"{context}: " if context else ""
+        super().__init__(f"{prefix}{cause.title}. {cause.detail}\nHint: {cause.hint}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorCause:
+    """A driver error translated for people.
+
+    Attributes:
+        name: Stable identifier, e.g. ``"auth_failed"`` or ``"pool_exhausted"``.
+        title: One line saying what went wrong.
+        hint: What to do about it.
+        detail: The driver's own message with secrets masked (may be empty).
+        transient: True when retrying later can succeed without anyone changing anything.
+        sqlstate: The server's SQLSTATE when it sent one.
+    """
+
+    name: str
+    title: str
+    hint: str
+    detail: str = ""
+    transient: bool = False
+    sqlstate: str | None = None
+
+    def as_dict(self) -> dict[str, t.Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Rule:
+    name: str
+    title: str
+    hint: str
+    transient: bool
+    sqlstates: tuple[str, ...] = ()
+    patterns: tuple[str, ...] = ()
+
+
+# Order matters: the first rule that matches wins, so specific messages come before broad ones
+# (a TLS failure also mentions the server closing the connection, for example).
+_RULES: tuple[_Rule, ...] = (
+    _Rule(
+        "pool_exhausted",
+        "Connection pool exhausted",
+        "Every pooled connection stayed checked out for DB_POOL_TIMEOUT seconds. Look for "
+        "slow requests or connection leaks, or raise DB_POOL_SIZE / DB_MAX_OVERFLOW (staying "
+        "under the server's max_connections).",
+        transient=True,
+        patterns=(r"QueuePool limit of size",),
+    ),
+    _Rule(
+        "compute_waking",
+        "The Neon compute is waking up",
+        "The compute was suspended and is starting; retry in a moment. Keep DB_CONNECT_TIMEOUT "
+        "at 10-15 s so the first connection after a suspend can wait for it.",
+        transient=True,
+        patterns=(r"couldn't connect to compute node",),
+    ),
+    _Rule(
+        "endpoint_id_missing",
+        "Neon could not tell which endpoint to connect to",
+        "The client library does not send SNI. Upgrade psycopg2-binary (>= 2.9.10), or add "
+        "options=endpoint%3D<endpoint-id> to DB_URL.",
+        transient=False,
+        patterns=(r"endpoint id is not specified", r"inconsistent project name"),
+    ),
+    _Rule(
+        "pooler_rejected_parameter",
+        "The connection pooler rejected a startup parameter",
+        "PgBouncer only accepts a few startup parameters. Remove 'options' from DB_URL, or set "
+        "DB_POOLED=true so flask-neon sends the session limits per transaction instead.",
+        transient=False,
+        patterns=(r"unsupported startup parameter",),
+    ),
+    _Rule(
+        "auth_failed",
+        "Password authentication failed",
+        "Check the user name and password in DB_URL (on Neon: reset the role's password in the "
+        "console and copy the new connection string).",
+        transient=False,
+        sqlstates=("28P01",),
+        patterns=(r"password authentication failed", r"no password supplied"),
+    ),
+    _Rule(
+        "role_missing",
+        "The role does not exist",
+        "Check the user name in DB_URL, or create the role.",
+        transient=False,
+        patterns=(r'role "[^"]*" does not exist',),
+    ),
+    _Rule(
+        "database_missing",
+        "The database does not exist",
+        "Check the database name at the end of DB_URL, or create the database.",
+        transient=False,
+        sqlstates=("3D000",),
+        patterns=(r'database "[^"]*" does not exist',),
+    ),
+    _Rule(
+        "cert_verify_failed",
+        "The server certificate does not verify",
+        "With sslmode=verify-full or verify-ca the server certificate must be signed by the CA "
+        "in sslrootcert (or the system store with sslrootcert=system) and match the host name.",
+        transient=False,
+        patterns=(
+            r"certificate verify failed",
+            r"server certificate for .* does not match host name",
+            r"root certificate file .* does not exist",
+            r"could not read root certificate",
+        ),
+    ),
+    _Rule(
+        "tls_required",
+        "TLS is required but not in use",
+        "Neon refuses plaintext: add sslmode=require (better: verify-full) to DB_URL. If the "
+        "server has no TLS at all, it cannot serve a client that requires it.",
+        transient=False,
+        patterns=(
+            r"connection is insecure",
+            r"server does not support ssl, but ssl was required",
+            r"no pg_hba\.conf entry .*no encryption",
+            r"ssl off",
+        ),
+    ),
+    _Rule(
+        "tls_failed",
+        "The TLS handshake failed",
+        "Check sslmode, sslrootcert and the server's TLS configuration.",
+        transient=True,
+        patterns=(r"ssl error", r"could not establish ssl", r"tlsv1 alert", r"ssl handshake"),
+    ),
+    _Rule(
+        "too_many_connections",
+        "The server has no connection slots left",
+        "Workers x (DB_POOL_SIZE + DB_MAX_OVERFLOW) must stay under max_connections (Neon: 104 "
+        "at 0.25 CU, 419 at 1 CU). Lower the pool, use the -pooler host, or a larger compute.",
+        transient=True,
+        sqlstates=("53300",),
+        patterns=(r"remaining connection slots are reserved", r"too many clients already"),
+    ),
+    _Rule(
+        "statement_timeout",
+        "The statement was cancelled by statement_timeout",
+        "The query ran longer than DB_STATEMENT_TIMEOUT. Make it faster (an index?), or raise "
+        "the limit for this work.",
+        transient=False,
+        sqlstates=("57014",),
+        patterns=(r"canceling statement due to statement timeout",),
+    ),
+    _Rule(
+        "idle_in_transaction_timeout",
+        "The server ended a transaction left idle",
+        "A transaction stayed open without a query for DB_IDLE_IN_TRANSACTION_TIMEOUT. Commit "
+        "or roll back promptly; do not hold a transaction open across slow work.",
+        transient=True,
+        sqlstates=("25P03",),
+        patterns=(r"idle-in-transaction timeout",),
+    ),
+    _Rule(
+        "read_only",
+        "A write was sent to a read-only server",
+        "Send writes to the primary (db.session), not to the read replica.",
+        transient=False,
+        sqlstates=("25006",),
+        patterns=(r"read-only transaction",),
+    ),
+    _Rule(
+        "unknown_host",
+        "The host name does not resolve",
+        "Check the host in DB_URL (copy it again from the Neon console) and this machine's DNS.",
+        transient=False,
+        patterns=(r"could not translate host name", r"name or service not known"),
+    ),
+    _Rule(
+        "connection_refused",
+        "The server refused the connection",
+        "Nothing listens at that host and port: check the port in DB_URL and that the server "
+        "is running.",
+        transient=True,
+        patterns=(r"connection refused",),
+    ),
+    _Rule(
+        "connect_timeout",
+        "Connecting timed out",
+        "The server did not answer within DB_CONNECT_TIMEOUT. Check the network path and "
+        "firewall; a waking Neon compute may need 10-15 s.",
+        transient=True,
+        patterns=(r"timeout expired", r"timed out"),
+    ),
+    _Rule(
+        "connection_lost",
+        "The connection to the server was lost",
+        "The server closed the connection (restart, Neon suspend, terminated backend). "
+        "flask-neon discards such connections; retry the request.",
+        transient=True,
+        sqlstates=("57P01", "57P02", "57P03", "08006", "08003", "08001", "08000"),
+        patterns=(
+            r"server closed the connection unexpectedly",
+            r"terminating connection due to administrator command",
+            r"ssl syscall error",
+            r"connection already closed",
+            r"could not receive data from server",
+            r"could not send data to server",
+            r"the database system is (starting up|shutting down|in recovery mode)",
+            r"connection reset by peer",
+            r"broken pipe",
+        ),
+    ),
+)
+
+_UNKNOWN = _Rule(
+    "unknown",
+    "The database reported an error",
+    "See the detail above; flask-neon does not recognise this failure.",
+    transient=False,
+)
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    """The psycopg2 exception behind a SQLAlchemy wrapper, or ``exc`` itself."""
+    if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
+        return exc.orig
+    return exc
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, sa_exc.StatementError):
+        # The wrapper's own text carries the SQL; the driver's message is what names the cause.
+        orig = exc.orig
+        return str(orig) if orig is not None else str(exc).split("\n[SQL:", 1)[0]
+    return str(exc)
+
+
+def classify(exc: BaseException, secrets: t.Iterable[str] = ()) -> ErrorCause:
+    """Name the cause of a database error and say what to do about it.
+
+    Args:
+        exc: A psycopg2 or SQLAlchemy exception (any exception is accepted).
+        secrets: Strings to mask in the detail, typically the database password.
+
+    Example::
+
+        try:
+            engine.connect()
+        except Exception as exc:
+            cause = classify(exc, secrets=[password])
+            log.error("%s: %s", cause.title, cause.hint)
+    """
+    driver = _driver_error(exc)
+    sqlstate = getattr(driver, "pgcode", None)
+    text = _message(exc)
+    lowered = text.lower()
+    rule = next((r for r in _RULES if sqlstate and sqlstate in r.sqlstates), None) or next(
+        (r for r in _RULES if any(re.search(p, lowered) for p in r.patterns)), _UNKNOWN
+    )
+    return ErrorCause(
+        name=rule.name,
+        title=rule.title,
+        hint=rule.hint,
+        detail=mask_secrets(" ".join(text.split()), secrets),
+        transient=rule.transient,
+        sqlstate=sqlstate if isinstance(sqlstate, str) else None,
+    )
+
+
+def mask_secrets(text: str, secrets: t.Iterable[str]) -> str:
+    """Replace every secret in ``text``, also in its URL-escaped spellings, with ``***``."""
+    for secret in secrets:
+        if not secret:
+            continue
+        for spelling in {secret, quote(secret, safe=""), quote_plus(secret, safe="")}:
+            text = text.replace(spelling, "***")
+    return text

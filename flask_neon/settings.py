@@ -1,0 +1,239 @@
+"""Typed settings, read once at ``init_app`` from ``app.config``, the environment and ``.env``.
+
+Precedence, highest first: ``app.config[KEY]``, the environment variable ``KEY``, the ``.env``
+file, then the default. Every key starts with ``DB_``; the model's field ``pool_size`` is the key
+``DB_POOL_SIZE``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing as t
+
+import annotated_types
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import NeonConfigError
+
+PREFIX = "DB_"
+Profile = t.Literal["development", "production", "serverless"]
+SessionLimits = t.Literal["auto", "startup", "transaction", "off"]
+
+#: Where a setting's value came from, shown by ``flask db-check config``.
+Source = t.Literal["app.config", "environment", ".env", "default", "profile"]
+
+
+class NeonSettings(BaseSettings):
+    """Every setting flask-neon reads. Field ``pool_size`` is the key ``DB_POOL_SIZE``.
+
+    The README's configuration table is checked against this model by a test, so the
+    descriptions here are the documentation.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix=PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        str_strip_whitespace=True,
+        validate_default=True,
+        frozen=True,
+    )
+
+    url: SecretStr = Field(
+        description="PostgreSQL URL (postgresql://, postgres:// or postgresql+psycopg2://). "
+        "Neon: copy it from the console; the -pooler host is recognised."
+    )
+    profile: Profile | None = Field(
+        default=None,
+        description="Pool profile: development, production or serverless. Unset: development "
+        "when the app runs in debug mode, else production.",
+    )
+    pool_size: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description="Connections kept open per process (production profile). Workers x "
+        "(pool size + overflow) must stay under the compute's max_connections "
+        "(104 at 0.25 CU).",
+    )
+    max_overflow: int = Field(
+        default=10,
+        ge=0,
+        le=100,
+        description="Extra connections opened under load and closed when returned.",
+    )
+    pool_timeout: float = Field(
+        default=30.0,
+        ge=1,
+        le=300,
+        description="Seconds a request waits for a free connection before failing (503).",
+    )
+    pool_recycle: int = Field(
+        default=1800,
+        ge=300,
+        le=86400,
+        description="Seconds after which a connection is replaced when next checked out.",
+    )
+    echo: bool = Field(default=False, description="Log every SQL statement (never parameters).")
+    statement_timeout: float = Field(
+        default=30.0,
+        ge=0,
+        le=86400,
+        description="Seconds a statement may run before the server cancels it (0: no limit).",
+    )
+    idle_in_transaction_timeout: float = Field(
+        default=60.0,
+        ge=0,
+        le=86400,
+        description="Seconds a transaction may sit idle before the server ends it (0: no "
+        "limit). Key: DB_IDLE_IN_TRANSACTION_TIMEOUT.",
+    )
+    connect_timeout: int = Field(
+        default=10,
+        ge=2,
+        le=300,
+        description="Seconds to open a new connection, retries included. Neon recommends "
+        "10-15 s so a waking compute can answer.",
+    )
+    connect_retry_seconds: float = Field(
+        default=3.0,
+        ge=0,
+        le=300,
+        description="Time budget for retrying transient connect failures (refused, compute "
+        "waking) with backoff and jitter; 0 turns retries off. Never longer than "
+        "DB_CONNECT_TIMEOUT.",
+    )
+    connect_on_start: bool = Field(
+        default=False,
+        description="Open one connection in init_app and fail at startup, with the classified "
+        "cause, when the database cannot be reached.",
+    )
+    session_limits: SessionLimits = Field(
+        default="auto",
+        description="How the statement and idle-in-transaction limits reach the server: "
+        "startup (connection options, free), transaction (SET LOCAL per transaction, works "
+        "through PgBouncer), off (set them on the role), auto (startup, or transaction "
+        "through a pooler).",
+    )
+    ping_after_idle: float = Field(
+        default=60.0,
+        ge=0,
+        le=3600,
+        description="A pooled connection idle longer than this many seconds is pinged before "
+        "use; a closed socket is always detected without a round trip. 0: ping every checkout "
+        "(like pool_pre_ping).",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedSettings:
+    """The settings and where each value came from."""
+
+    settings: NeonSettings
+    sources: dict[str, Source]
+
+    def explicit(self, field: str) -> bool:
+        """True when the user set ``field`` (anywhere), False when it is the default."""
+        return self.sources.get(field, "default") != "default"
+
+
+def key_for(field: str) -> str:
+    """The configuration key of a field: ``pool_size`` -> ``DB_POOL_SIZE``."""
+    return PREFIX + field.upper()
+
+
+def load_settings(
+    config: t.Mapping[str, t.Any], env_file: str | os.PathLike[str] | None = ".env"
+) -> LoadedSettings:
+    """Read the settings with ``config`` (usually ``app.config``) taking precedence.
+
+    Raises:
+        NeonConfigError: naming the first invalid settings, never showing a secret.
+    """
+    fields = NeonSettings.model_fields
+    overrides = {
+        name: config[key_for(name)] for name in fields if config.get(key_for(name)) is not None
+    }
+    try:
+        settings = NeonSettings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        # ``from None``: pydantic's own text repeats the input, which may be the password.
+        raise NeonConfigError(_explain(exc)) from None
+    return LoadedSettings(settings, _sources(overrides, env_file))
+
+
+def _sources(
+    overrides: t.Mapping[str, t.Any], env_file: str | os.PathLike[str] | None
+) -> dict[str, Source]:
+    environ = {key.upper() for key in os.environ}
+    dotenv: set[str] = set()
+    if env_file is not None and os.path.isfile(env_file):
+        from dotenv import dotenv_values
+
+        dotenv = {key.upper() for key, value in dotenv_values(env_file).items() if value}
+    sources: dict[str, Source] = {}
+    for name in NeonSettings.model_fields:
+        key = key_for(name)
+        if name in overrides:
+            sources[name] = "app.config"
+        elif key in environ:
+            sources[name] = "environment"
+        elif key in dotenv:
+            sources[name] = ".env"
+        else:
+            sources[name] = "default"
+    return sources
+
+
+_SECRET_FIELDS = frozenset({"url"})
+
+
+def _explain(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error["loc"] else "?"
+        key = key_for(field)
+        if error["type"] == "missing":
+            if field == "url":
+                lines.append(
+                    f"{key} is not set. Set it in the environment, in .env or in "
+                    f"app.config['{key}'], e.g. {key}=postgresql://user:password@host/dbname."
+                )
+            else:
+                lines.append(f"{key} is required.")
+            continue
+        if field in _SECRET_FIELDS:
+            lines.append(f"{key} must be a string URL ({error['msg'].lower()}).")
+            continue
+        shown = repr(error.get("input"))
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        lines.append(f"{key} must be {_allowed(field)}, got {shown}.")
+    return "Invalid flask-neon settings: " + " ".join(lines) if len(lines) > 1 else lines[0]
+
+
+def _allowed(field: str) -> str:
+    """Say in words what ``field`` accepts, from the model's own constraints."""
+    info = NeonSettings.model_fields[field]
+    annotation = info.annotation
+    args = [a for a in t.get_args(annotation) if a is not type(None)]
+    if t.get_origin(annotation) is t.Literal or (args and t.get_origin(args[0]) is t.Literal):
+        choices = t.get_args(annotation if t.get_origin(annotation) is t.Literal else args[0])
+        return "one of " + ", ".join(str(c) for c in choices)
+    if annotation is bool:
+        return "a boolean (true/false, 1/0, yes/no, on/off)"
+    low = high = None
+    for item in info.metadata:
+        if isinstance(item, annotated_types.Ge):
+            low = item.ge
+        elif isinstance(item, annotated_types.Le):
+            high = item.le
+    kind = "an integer" if annotation is int else "a number"
+    if low is not None and high is not None:
+        return f"{kind} from {low} to {high}"
+    if low is not None:
+        return f"{kind} >= {low}"
+    return kind

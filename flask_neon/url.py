@@ -1,0 +1,270 @@
+"""One parsed, normalised database URL: driver psycopg2, Neon host facts, a masked rendering.
+
+Neon and most tools hand out ``postgresql://`` or ``postgres://`` URLs. SQLAlchemy 2.1 maps
+``postgresql://`` to psycopg 3, which flask-neon does not install, so every URL is rewritten to
+``postgresql+psycopg2://`` here, once, and the rest of the package only sees :class:`DatabaseURL`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import re
+import typing as t
+from urllib.parse import parse_qsl, quote, unquote
+
+import sqlalchemy as sa
+
+from .errors import NeonConfigError
+
+DRIVER = "postgresql+psycopg2"
+ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+#: Query parameters whose values are secrets and are masked like the password.
+SECRET_PARAMS = frozenset({"password", "sslpassword"})
+MASK = "***"
+
+# After the user-info '@' comes a host (or [IPv6]), an optional port, then the path, query or end.
+_HOST_PART = re.compile(r"(\[[^\]/]*\]|[^/?#@:\[\]]*)(?::([^/?#@]*))?(?=[/?]|$)")
+_POOLER_SUFFIX = "-pooler"
+_NEON_DOMAINS = (".neon.tech", ".neon.build")
+
+
+def _describe(raw: str) -> str:
+    """The URL's scheme and host, for an error message that must not echo a password."""
+    scheme = raw.split("://", 1)[0] if "://" in raw else ""
+    shown = f"{scheme}://..." if scheme else "a value without '://'"
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseURL:
+    """A PostgreSQL URL, normalised for psycopg2, with what flask-neon needs to know about it.
+
+    Build one with :func:`parse_url`. ``str()`` and ``repr()`` show the masked form.
+    """
+
+    username: str | None
+    password: str | None = dataclasses.field(repr=False)
+    host: str | None
+    port: int | None
+    database: str
+    query: tuple[tuple[str, str], ...] = ()
+    setting: str = "DB_URL"
+
+    # -- derived facts -------------------------------------------------------------------------
+
+    @property
+    def query_dict(self) -> dict[str, str]:
+        return dict(self.query)
+
+    @property
+    def socket_dir(self) -> str | None:
+        """The Unix socket directory when the URL names one (``?host=/run/postgresql``)."""
+        host = self.host or self.query_dict.get("host")
+        return host if host and host.startswith("/") else None
+
+    @property
+    def effective_host(self) -> str:
+        """The host libpq connects to: the URL's host, ``?host=`` or a socket directory."""
+        return self.host or self.query_dict.get("host", "")
+
+    @property
+    def is_local(self) -> bool:
+        """True for localhost, loopback addresses and Unix sockets: no network to protect."""
+        host = self.effective_host
+        if not host or host.startswith("/") or host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            return False
+
+    @property
+    def is_neon(self) -> bool:
+        host = self.effective_host.lower()
+        return host.endswith(_NEON_DOMAINS)
+
+    @property
+    def is_neon_pooled(self) -> bool:
+        """True for a Neon pooler host: ``-pooler`` ends the first DNS label."""
+        first = self.effective_host.lower().split(".", 1)[0]
+        return self.is_neon and first.endswith(_POOLER_SUFFIX)
+
+    @property
+    def endpoint_id(self) -> str | None:
+        """Neon's endpoint id (``ep-cool-darkness-123456``), taken from the host name."""
+        if not self.is_neon:
+            return None
+        first = self.effective_host.lower().split(".", 1)[0]
+        return first.removesuffix(_POOLER_SUFFIX)
+
+    @property
+    def sslmode(self) -> str | None:
+        return self.query_dict.get("sslmode")
+
+    def direct(self) -> DatabaseURL:
+        """The same URL on the direct (non-pooled) host; itself when it is not a Neon pooler."""
+        if not self.is_neon_pooled or self.host is None:
+            return self
+        first, _, rest = self.host.partition(".")
+        return dataclasses.replace(self, host=f"{first[: -len(_POOLER_SUFFIX)]}.{rest}")
+
+    def with_query(self, **params: str) -> DatabaseURL:
+        """A copy with query parameters added or replaced."""
+        merged = {**self.query_dict, **params}
+        return dataclasses.replace(self, query=tuple(merged.items()))
+
+    # -- renderings ----------------------------------------------------------------------------
+
+    def to_sqlalchemy(self) -> sa.URL:
+        """The URL SQLAlchemy connects with, always on the psycopg2 driver."""
+        return sa.URL.create(
+            DRIVER,
+            username=self.username,
+            password=self.password,
+            host=self.host,
+            port=self.port,
+            database=self.database,
+            query=self.query_dict,
+        )
+
+    def masked(self) -> str:
+        """The URL for logs and the CLI: ``postgresql://alex:***@host/db?sslmode=require``."""
+        userinfo = ""
+        if self.username is not None:
+            userinfo = quote(self.username, safe="")
+            if self.password is not None:
+                userinfo += ":" + MASK
+            userinfo += "@"
+        host = self.host or ""
+        if ":" in host:
+            host = f"[{host}]"
+        port = f":{self.port}" if self.port is not None else ""
+        query = "&".join(
+            f"{key}={MASK if key in SECRET_PARAMS else quote(value, safe='/,=-._~')}"
+            for key, value in self.query
+        )
+        return f"postgresql://{userinfo}{host}{port}/{quote(self.database, safe='')}" + (
+            f"?{query}" if query else ""
+        )
+
+    def secrets(self) -> list[str]:
+        """Every secret this URL carries, for masking free text that might repeat one."""
+        found = [self.password] if self.password else []
+        found += [value for key, value in self.query if key in SECRET_PARAMS and value]
+        return found
+
+    def __str__(self) -> str:
+        return self.masked()
+
+
+def parse_url(raw: str, setting: str = "DB_URL") -> DatabaseURL:
+    """Parse and validate a PostgreSQL URL.
+
+    Accepts ``postgres://``, ``postgresql://`` and ``postgresql+psycopg2://``. User name and
+    password may be percent-encoded (the standard) or contain ``@``, ``:``, ``/``, ``#`` as is.
+
+    Raises:
+        NeonConfigError: naming ``setting``, never showing the password.
+    """
+    value = raw.strip()
+    if not value:
+        raise NeonConfigError(f"{setting} is empty. Set it to a URL like {_EXAMPLE}.")
+    scheme, sep, rest = value.partition("://")
+    if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*", scheme):
+        raise NeonConfigError(
+            f"{setting} is not a URL (got {_describe(value)}). Expected a URL like {_EXAMPLE}."
+        )
+    if scheme.lower() not in ACCEPTED_SCHEMES:
+        raise NeonConfigError(
+            f"{setting} must be a PostgreSQL URL (postgresql://, postgres:// or "
+            f"postgresql+psycopg2://), got '{scheme}://...'."
+        )
+
+    userinfo, host_raw, port_text, path = _split_authority(rest, setting, value)
+    username: str | None = None
+    password: str | None = None
+    if userinfo is not None:
+        user_raw, colon, password_raw = userinfo.partition(":")
+        username = unquote(user_raw) or None
+        password = unquote(password_raw) if colon else None
+
+    host = unquote(host_raw.strip("[]"))
+    port = _parse_port(port_text, setting, value)
+    database_raw, _, query_raw = path.removeprefix("/").partition("?")
+    database = unquote(database_raw)
+    query = tuple(parse_qsl(query_raw, keep_blank_values=True))
+
+    url = DatabaseURL(username, password, host or None, port, database, query, setting)
+    if not url.effective_host:
+        raise NeonConfigError(
+            f"{setting} has no host ({url.masked()}). Put the server's host name after '@', "
+            f"e.g. {_EXAMPLE}."
+        )
+    if not database:
+        raise NeonConfigError(
+            f"{setting} has no database name ({url.masked()}). Add '/<database>' after the host, "
+            f"e.g. {_EXAMPLE}."
+        )
+    return _check_query(url)
+
+
+_EXAMPLE = "postgresql://user:password@ep-example-123456.us-east-2.aws.neon.tech/neondb"
+
+
+def _split_authority(rest: str, setting: str, raw: str) -> tuple[str | None, str, str | None, str]:
+    """Split ``user:pass@host:port/db?query`` into user-info, host, port text and the rest.
+
+    The user-info ends at the last '@' that is followed by something shaped like a host, so a
+    password may contain '@', '/', '?' or '#' without being escaped.
+    """
+    for at in reversed([m.start() for m in re.finditer("@", rest)]):
+        host_match = _HOST_PART.match(rest, at + 1)
+        if host_match:
+            return rest[:at], host_match[1], host_match[2], rest[host_match.end() :]
+    host_match = _HOST_PART.match(rest)
+    if host_match is None:
+        raise NeonConfigError(
+            f"{setting} could not be parsed (got {_describe(raw)}). Expected a URL like "
+            f"{_EXAMPLE}; percent-encode special characters in the password."
+        )
+    return None, host_match[1], host_match[2], rest[host_match.end() :]
+
+
+def _parse_port(port_text: str | None, setting: str, raw: str) -> int | None:
+    if port_text is None or port_text == "":
+        return None
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise NeonConfigError(
+            f"{setting} has an invalid port '{port_text[:20]}' ({_describe(raw)}); "
+            f"a port is a number from 1 to 65535."
+        )
+    return int(port_text)
+
+
+def _check_query(url: DatabaseURL) -> DatabaseURL:
+    params = url.query_dict
+    sslmode = params.get("sslmode")
+    if sslmode is not None and sslmode not in SSLMODES:
+        raise NeonConfigError(
+            f"{url.setting} has sslmode={sslmode!r}; allowed: {', '.join(SSLMODES)}."
+        )
+    if "options" in params and url.is_neon_pooled:
+        raise NeonConfigError(
+            f"{url.setting} points at a Neon pooler host and sets 'options' "
+            f"({url.masked()}); the pooler rejects startup options. Remove them, or use the "
+            f"direct host."
+        )
+    return url
+
+
+def coerce_url(value: str | DatabaseURL | t.Any, setting: str = "DB_URL") -> DatabaseURL:
+    """Accept a string, a SQLAlchemy URL or a :class:`DatabaseURL` and return the latter."""
+    if isinstance(value, DatabaseURL):
+        return value
+    if isinstance(value, sa.URL):
+        value = value.render_as_string(hide_password=False)
+    if not isinstance(value, str):
+        raise NeonConfigError(f"{setting} must be a string URL, got {type(value).__name__}.")
+    return parse_url(value, setting)
