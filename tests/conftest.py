@@ -1,0 +1,113 @@
+"""Fixtures shared by the test suite: a real PostgreSQL, fresh databases, apps wired to them.
+
+Set ``FLASK_NEON_TEST_URL`` to test against an existing server (its role must be allowed to
+create databases and terminate backends). Without it the suite starts its own throwaway cluster
+with :mod:`flask_neon.localdb`.
+"""
+
+from __future__ import annotations
+
+import typing as t
+import uuid
+from collections.abc import Callable, Iterator
+
+import psycopg2
+import pytest
+from flask import Flask
+
+from flask_neon import NeonDB
+from flask_neon.localdb import LocalPostgres
+from flask_neon.url import parse_url
+
+TEST_URL_ENV = "FLASK_NEON_TEST_URL"
+
+
+def _dsn(url: str) -> str:
+    return parse_url(url).to_sqlalchemy().set(drivername="postgresql").render_as_string(False)
+
+
+def admin_execute(url: str, sql: str, params: t.Sequence[t.Any] = ()) -> list[tuple[t.Any, ...]]:
+    """Run SQL in autocommit mode on ``url`` with plain psycopg2 and return the rows."""
+    connection = psycopg2.connect(_dsn(url))
+    try:
+        connection.autocommit = True
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return list(cursor.fetchall()) if cursor.description else []
+    finally:
+        connection.close()
+
+
+@pytest.fixture(scope="session")
+def local_pg() -> Iterator[LocalPostgres | None]:
+    """The suite's own throwaway cluster, or None when a test URL is given."""
+    import os
+
+    if os.environ.get(TEST_URL_ENV):
+        yield None
+        return
+    cluster = LocalPostgres().start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def database_url(local_pg: LocalPostgres | None) -> str:
+    """URL of a database the tests may use freely (shared by the session)."""
+    import os
+
+    if local_pg is None:
+        return os.environ[TEST_URL_ENV]
+    return local_pg.url
+
+
+@pytest.fixture
+def fresh_database(database_url: str) -> Iterator[str]:
+    """A new, empty database for one test; dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    admin_execute(database_url, f'CREATE DATABASE "{name}"')
+    url = parse_url(database_url)
+    fresh = url.to_sqlalchemy().set(database=name).render_as_string(hide_password=False)
+    try:
+        yield fresh
+    finally:
+        admin_execute(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+AppFactory = Callable[..., tuple[Flask, NeonDB]]
+
+
+@pytest.fixture
+def make_app(database_url: str) -> AppFactory:
+    """Build a Flask app with NeonDB on the test database; keyword arguments go to app.config."""
+
+    def factory(url: str | None = None, *, db: NeonDB | None = None, **config: t.Any) -> tuple[Flask, NeonDB]:
+        app = Flask(f"test_{uuid.uuid4().hex[:8]}")
+        app.config.update({"DB_URL": url or database_url, **config})
+        neon = db or NeonDB(env_file=None)
+        neon.init_app(app)
+        return app, neon
+
+    return factory
+
+
+def backend_pids(url: str, application_prefix: str = "flask-neon") -> list[int]:
+    """PIDs of the server backends opened by flask-neon on ``url``'s database."""
+    database = parse_url(url).database
+    rows = admin_execute(
+        url,
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name LIKE %s "
+        "AND pid <> pg_backend_pid()",
+        (database, application_prefix + "%"),
+    )
+    return [row[0] for row in rows]
+
+
+def terminate_backends(url: str) -> int:
+    """``pg_terminate_backend`` every flask-neon backend on ``url``'s database; returns the count."""
+    pids = backend_pids(url)
+    for pid in pids:
+        admin_execute(url, "SELECT pg_terminate_backend(%s, 5000)", (pid,))
+    return len(pids)

@@ -1,0 +1,130 @@
+"""URL parsing, normalisation and masking. Pure functions: no database needed here."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+import pytest
+import sqlalchemy as sa
+from hypothesis import given
+from hypothesis import strategies as st
+
+from flask_neon import NeonConfigError, parse_url
+
+NEON_POOLED = "ep-cool-darkness-123456-pooler.us-east-2.aws.neon.tech"
+NEON_CELL_POOLED = "ep-cool-darkness-123456-pooler.c-2.us-east-1.aws.neon.tech"
+
+
+@pytest.mark.parametrize("scheme", ["postgres", "postgresql", "postgresql+psycopg2", "PostgreSQL"])
+def test_every_accepted_scheme_connects_with_psycopg2(scheme: str) -> None:
+    url = parse_url(f"{scheme}://alex:pw@db.example.com:6543/app")
+    rendered = url.to_sqlalchemy()
+    assert rendered.drivername == "postgresql+psycopg2"
+    assert (rendered.host, rendered.port, rendered.database) == ("db.example.com", 6543, "app")
+
+
+@pytest.mark.parametrize(
+    "password", ["p@ss", "p:ss", "p/ss", "p%ss", "p#ss", "pässwörd", "@:/%#?&=", "密码"]
+)
+def test_special_passwords_round_trip_escaped_and_raw(password: str) -> None:
+    escaped = parse_url(f"postgresql://alex:{quote(password, safe='')}@host/db")
+    assert escaped.password == password
+    assert escaped.host == "host"
+    assert escaped.database == "db"
+    if "%" not in password:  # a raw '%' followed by hex digits is ambiguous by design
+        raw = parse_url(f"postgresql://alex:{password}@host/db")
+        assert (raw.password, raw.host, raw.database) == (password, "host", "db")
+
+
+def test_sqlalchemy_rendering_keeps_the_password_exact() -> None:
+    url = parse_url("postgresql://alex:p%40ss%2Fw%23rd@host:5432/db?sslmode=require")
+    assert sa.make_url(url.to_sqlalchemy().render_as_string(False)).password == "p@ss/w#rd"
+
+
+def test_masked_rendering_hides_password_and_secret_params() -> None:
+    url = parse_url(
+        "postgresql://alex:hunter2@host/db?sslmode=require&sslpassword=keypass&password=qp"
+    )
+    masked = url.masked()
+    assert masked == (
+        "postgresql://alex:***@host/db?sslmode=require&sslpassword=***&password=***"
+    )
+    assert str(url) == masked
+    assert "hunter2" not in repr(url)
+    assert set(url.secrets()) == {"hunter2", "keypass", "qp"}
+
+
+@given(st.text(min_size=1, max_size=40).filter(lambda s: s.strip() == s and "\x00" not in s))
+def test_masked_never_contains_the_password(password: str) -> None:
+    url = parse_url(f"postgresql://alex:{quote(password, safe='')}@host.example/db")
+    assert url.password == password
+    # Whatever the password, the masked form is the same: nothing of it can leak through.
+    assert url.masked() == "postgresql://alex:***@host.example/db"
+    reparsed = parse_url(url.to_sqlalchemy().render_as_string(hide_password=False))
+    assert (reparsed.password, reparsed.host, reparsed.database) == (password, "host.example", "db")
+
+
+def test_unix_socket_url_is_accepted() -> None:
+    url = parse_url("postgresql://alex@/app?host=/var/run/postgresql")
+    assert url.socket_dir == "/var/run/postgresql"
+    assert url.is_local
+
+
+def test_ipv6_host_with_port() -> None:
+    url = parse_url("postgresql://u:p@[::1]:5433/db")
+    assert (url.host, url.port, url.is_local) == ("::1", 5433, True)
+    assert url.masked() == "postgresql://u:***@[::1]:5433/db"
+
+
+@pytest.mark.parametrize("host", [NEON_POOLED, NEON_CELL_POOLED])
+def test_neon_pooled_host_and_its_direct_twin(host: str) -> None:
+    url = parse_url(f"postgresql://alex:pw@{host}/neondb?sslmode=require")
+    assert url.is_neon and url.is_neon_pooled
+    assert url.endpoint_id == "ep-cool-darkness-123456"
+    direct = url.direct()
+    assert not direct.is_neon_pooled
+    assert direct.host == host.replace("-pooler", "")
+    assert direct.password == "pw" and direct.query == url.query
+
+
+def test_direct_neon_host_is_not_pooled() -> None:
+    url = parse_url("postgresql://alex:pw@ep-cool-darkness-123456.us-east-2.aws.neon.tech/db")
+    assert url.is_neon and not url.is_neon_pooled
+    assert url.direct() is url
+
+
+def test_pooler_in_a_later_label_is_not_a_pooler() -> None:
+    url = parse_url("postgresql://alex:pw@ep-x-123.my-pooler.aws.neon.tech/db")
+    assert not url.is_neon_pooled
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ("mysql://alex:s3cretpw@host/db", "must be a PostgreSQL URL"),
+        ("sqlite:///s3cretpw.db", "must be a PostgreSQL URL"),
+        ("not a url", "is not a URL"),
+        ("", "is empty"),
+        ("   ", "is empty"),
+        ("postgresql://alex:s3cretpw@/db", "has no host"),
+        ("postgresql://alex:s3cretpw@host/", "has no database"),
+        ("postgresql://alex:s3cretpw@host", "has no database"),
+        ("postgresql://alex:s3cretpw@host:99999/db", "invalid port"),
+        ("postgresql://alex:s3cretpw@host:port/db", "invalid port"),
+        ("postgresql://alex:s3cretpw@host/db?sslmode=bogus", "sslmode='bogus'"),
+        ("://alex:s3cretpw@host/db", "is not a URL"),
+    ],
+)
+def test_bad_urls_name_the_setting_and_hide_the_password(raw: str, fragment: str) -> None:
+    with pytest.raises(NeonConfigError) as info:
+        parse_url(raw, "DB_URL")
+    message = str(info.value)
+    assert message.startswith("DB_URL")
+    assert fragment in message
+    assert "s3cretpw" not in message
+
+
+def test_pooler_host_with_startup_options_is_refused() -> None:
+    with pytest.raises(NeonConfigError, match="rejects startup options") as info:
+        parse_url(f"postgresql://alex:s3cretpw@{NEON_POOLED}/db?options=-c%20search_path%3Dx")
+    assert "s3cretpw" not in str(info.value)
