@@ -161,7 +161,7 @@ _RULES: tuple[_Rule, ...] = (
         patterns=(
             r"connection is insecure",
             r"server does not support ssl, but ssl was required",
-            r"no pg_hba\.conf entry .*no encryption",
+            r"pg_hba\.conf (rejects connection|entry) .*no encryption",
             r"ssl off",
         ),
     ),

@@ -1,0 +1,146 @@
+"""A small TCP proxy in front of a real PostgreSQL that misbehaves on demand.
+
+It stands in for the network and for Neon's proxy: it can answer the first connections the way
+Neon answers while a compute wakes up (an ErrorResponse ``Couldn't connect to compute node``),
+delay new connections, accept them and never answer (a black hole), or cut every live
+connection. Everything else is forwarded byte for byte to the real server.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import select
+import socket
+import struct
+import threading
+import typing as t
+
+Mode = t.Literal["forward", "blackhole"]
+
+
+def _error_response(message: str, sqlstate: str = "XX000") -> bytes:
+    fields = b"SERROR\x00VERROR\x00C" + sqlstate.encode() + b"\x00M" + message.encode() + b"\x00\x00"
+    return b"E" + struct.pack("!I", len(fields) + 4) + fields
+
+
+_ENCRYPTION_REQUESTS = (80877103, 80877104)  # SSLRequest, GSSENCRequest
+
+
+def _read_startup(client: socket.socket) -> None:
+    """Consume the client's startup packet, declining TLS and GSS encryption requests first."""
+    while True:
+        header = client.recv(8)
+        if len(header) < 8:
+            return
+        length, code = struct.unpack("!II", header)
+        if code in _ENCRYPTION_REQUESTS:
+            client.sendall(b"N")
+            continue
+        remaining = length - 8
+        while remaining > 0:
+            chunk = client.recv(remaining)
+            if not chunk:
+                return
+            remaining -= len(chunk)
+        return
+
+
+class FaultProxy:
+    """Listen on 127.0.0.1:<free port> and forward to ``target``.
+
+    Attributes:
+        wake_failures: The next N connections get Neon's "compute waking" error and are closed.
+        connect_delay: Seconds to wait before connecting a new client to the server.
+        mode: ``forward`` or ``blackhole`` (accept, then never answer).
+        accepted: Number of client connections accepted so far.
+    """
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.wake_failures = 0
+        self.connect_delay = 0.0
+        self.mode: Mode = "forward"
+        self.accepted = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self._pairs: list[tuple[socket.socket, socket.socket]] = []
+        self._lock = threading.Lock()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._accept_loop, daemon=True)
+        self._thread.start()
+
+    def url(self, template: str) -> str:
+        """``template`` (a URL of the real server) rewritten to go through the proxy."""
+        from flask_neon.url import parse_url
+
+        url = parse_url(template)
+        rewritten = url.to_sqlalchemy().set(host="127.0.0.1", port=self.port)
+        return rewritten.render_as_string(hide_password=False)
+
+    def cut_all(self) -> int:
+        """Close every live connection in both directions, like a dropped network."""
+        with self._lock:
+            pairs, self._pairs = self._pairs, []
+        for client, server in pairs:
+            for sock in (client, server):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+        return len(pairs)
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        self.cut_all()
+
+    def _accept_loop(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        if self.wake_failures > 0:
+            self.wake_failures -= 1
+            with contextlib.suppress(OSError):
+                _read_startup(client)
+                client.sendall(_error_response("Couldn't connect to compute node"))
+            client.close()
+            return
+        if self.mode == "blackhole":
+            self._closed.wait()
+            client.close()
+            return
+        if self.connect_delay:
+            self._closed.wait(self.connect_delay)
+        try:
+            server = socket.create_connection(self.target)
+        except OSError:
+            client.close()
+            return
+        with self._lock:
+            self._pairs.append((client, server))
+        self._pump(client, server)
+
+    def _pump(self, client: socket.socket, server: socket.socket) -> None:
+        sockets = [client, server]
+        try:
+            while not self._closed.is_set():
+                readable, _, _ = select.select(sockets, [], [], 0.5)
+                for sock in readable:
+                    data = sock.recv(65536)
+                    if not data:
+                        return
+                    (server if sock is client else client).sendall(data)
+        except (OSError, ValueError):
+            return
+        finally:
+            for sock in sockets:
+                with contextlib.suppress(OSError):
+                    sock.close()
+            with self._lock:
+                if (client, server) in self._pairs:
+                    self._pairs.remove((client, server))

@@ -1,0 +1,303 @@
+"""The engine on a real server: session limits, the liveness check, connect retries, and the
+startup check's classified errors."""
+
+from __future__ import annotations
+
+import socket
+import time
+import typing as t
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+import sqlalchemy.exc as sa_exc
+from flask import Flask
+
+from flask_neon import DatabaseUnavailableError, NeonDB
+from flask_neon.localdb import LocalPostgres
+from flask_neon.url import parse_url
+
+from .conftest import AppFactory, admin_execute, backend_pids, terminate_backends
+from .proxy import FaultProxy
+
+PASSWORD = "Pw-7zQ!x@y:z/%#"
+
+
+def wait_until(condition: t.Callable[[], bool], timeout: float = 10.0) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` (a bound, not a guess)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        time.sleep(0.02)
+
+
+def query(db: NeonDB, app: Flask, sql: str) -> t.Any:
+    with app.app_context():
+        return db.session.execute(sa.text(sql)).scalar()
+
+
+# -- session limits -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["startup", "transaction"])
+def test_statement_timeout_cancels_a_long_query(make_app: AppFactory, mode: str) -> None:
+    app, db = make_app(DB_STATEMENT_TIMEOUT=0.2, DB_SESSION_LIMITS=mode)
+    started = time.monotonic()
+    with pytest.raises(sa_exc.OperationalError, match="statement timeout"):
+        query(db, app, "SELECT pg_sleep(5)")
+    assert time.monotonic() - started < 4
+    assert query(db, app, "SELECT 1") == 1  # the connection is still usable
+
+
+def test_limits_travel_as_startup_options_on_a_direct_host(make_app: AppFactory) -> None:
+    app, db = make_app(DB_STATEMENT_TIMEOUT=7, DB_IDLE_IN_TRANSACTION_TIMEOUT=9)
+    with app.app_context():
+        rows = db.session.execute(
+            sa.text(
+                "SELECT name, setting, source FROM pg_settings WHERE name IN "
+                "('statement_timeout', 'idle_in_transaction_session_timeout') ORDER BY name"
+            )
+        ).all()
+    assert [tuple(r) for r in rows] == [
+        ("idle_in_transaction_session_timeout", "9000", "client"),
+        ("statement_timeout", "7000", "client"),
+    ]
+
+
+def test_per_transaction_limits_leave_no_session_state(make_app: AppFactory) -> None:
+    app, db = make_app(DB_STATEMENT_TIMEOUT=7, DB_SESSION_LIMITS="transaction")
+    engine = db.get_engine(app)
+    with engine.connect() as connection:
+        assert connection.exec_driver_sql("SHOW statement_timeout").scalar() == "7s"
+        connection.commit()
+        # Outside our transaction (as a pooler's next client would see the server connection),
+        # the setting is back to the server default.
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        raw.autocommit = True
+        with raw.cursor() as cursor:
+            cursor.execute("SHOW statement_timeout")
+            assert cursor.fetchone() == ("0",)
+        raw.autocommit = False
+
+
+def test_limits_off_sends_nothing(make_app: AppFactory) -> None:
+    app, db = make_app(DB_STATEMENT_TIMEOUT=7, DB_SESSION_LIMITS="off")
+    assert query(db, app, "SHOW statement_timeout") == "0"
+
+
+def test_idle_transaction_is_ended_by_the_server_and_the_next_request_is_fine(
+    make_app: AppFactory, fresh_database: str
+) -> None:
+    app, db = make_app(fresh_database, DB_IDLE_IN_TRANSACTION_TIMEOUT=0.3)
+    engine = db.get_engine(app)
+    connection = engine.connect()
+    connection.exec_driver_sql("SELECT 1")
+    pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+    # The server ends the idle transaction and its backend on its own.
+    wait_until(lambda: pid not in backend_pids(fresh_database))
+    with pytest.raises(sa_exc.OperationalError):
+        connection.exec_driver_sql("SELECT 1")
+    connection.close()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+    assert query(db, app, "SELECT 2") == 2
+
+
+# -- liveness check -----------------------------------------------------------------------------
+
+
+def count_pings(db: NeonDB, app: Flask) -> list[int]:
+    """Count the liveness check's round trips by wrapping the dialect's ping."""
+    engine = db.get_engine(app)
+    calls = [0]
+    original = engine.dialect.do_ping
+
+    def counting(dbapi_connection: t.Any) -> bool:
+        calls[0] += 1
+        return original(dbapi_connection)
+
+    engine.dialect.do_ping = counting  # type: ignore[method-assign]
+    return calls
+
+
+def warm_pool(db: NeonDB, app: Flask, connections: int) -> None:
+    engine = db.get_engine(app)
+    held = [engine.connect() for _ in range(connections)]
+    for connection in held:
+        connection.exec_driver_sql("SELECT 1")
+    for connection in held:
+        connection.close()
+
+
+def test_recently_used_connection_is_not_pinged(make_app: AppFactory) -> None:
+    app, db = make_app()
+    pings = count_pings(db, app)
+    for _ in range(20):
+        assert query(db, app, "SELECT 1") == 1
+    assert pings[0] == 0
+
+
+def test_connection_idle_past_the_threshold_is_pinged(make_app: AppFactory) -> None:
+    app, db = make_app(DB_PING_AFTER_IDLE=0)
+    pings = count_pings(db, app)
+    for _ in range(5):
+        query(db, app, "SELECT 1")
+    assert pings[0] == 4  # every checkout but the first, which opened a fresh connection
+
+
+def test_terminated_idle_connections_are_never_handed_out(
+    make_app: AppFactory, fresh_database: str
+) -> None:
+    app, db = make_app(fresh_database, DB_POOL_SIZE=4)
+    warm_pool(db, app, 4)
+    pings = count_pings(db, app)
+    assert terminate_backends(fresh_database) == 4
+    # Wait until the server has really gone: the sockets then carry the FATAL and EOF.
+    wait_until(lambda: not backend_pids(fresh_database))
+    results = [query(db, app, "SELECT 1") for _ in range(12)]
+    assert results == [1] * 12
+    assert pings[0] >= 1  # the readable socket triggered a real check
+
+
+def test_server_restart_causes_no_failed_request(tmp_path_factory: pytest.TempPathFactory) -> None:
+    with LocalPostgres() as cluster:
+        app = Flask(__name__)
+        app.config.update(DB_URL=cluster.url, DB_POOL_SIZE=3)
+        db = NeonDB(app, env_file=None)
+        warm_pool(db, app, 3)
+        cluster.restart()
+        assert [query(db, app, "SELECT 1") for _ in range(10)] == [1] * 10
+        db.get_engine(app).dispose()
+
+
+# -- connect retries and the startup check ----------------------------------------------------
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[FaultProxy]:
+    url = parse_url(database_url)
+    fault_proxy = FaultProxy((url.host or "127.0.0.1", url.port or 5432))
+    yield fault_proxy
+    fault_proxy.close()
+
+
+def test_waking_compute_is_retried_until_it_answers(
+    make_app: AppFactory, database_url: str, proxy: FaultProxy
+) -> None:
+    proxy.wake_failures = 3
+    app, db = make_app(proxy.url(database_url), DB_CONNECT_RETRY_SECONDS=5)
+    assert query(db, app, "SELECT 1") == 1
+    assert proxy.accepted == 4
+
+
+def test_retries_stop_at_their_budget(
+    make_app: AppFactory, database_url: str, proxy: FaultProxy
+) -> None:
+    proxy.wake_failures = 10_000
+    app, db = make_app(proxy.url(database_url), DB_CONNECT_RETRY_SECONDS=0.5)
+    started = time.monotonic()
+    with pytest.raises(sa_exc.OperationalError, match="compute node"):
+        query(db, app, "SELECT 1")
+    assert time.monotonic() - started < 3
+    assert proxy.accepted >= 2
+
+
+def test_retries_can_be_turned_off(
+    make_app: AppFactory, database_url: str, proxy: FaultProxy
+) -> None:
+    proxy.wake_failures = 1
+    app, db = make_app(proxy.url(database_url), DB_CONNECT_RETRY_SECONDS=0)
+    with pytest.raises(sa_exc.OperationalError):
+        query(db, app, "SELECT 1")
+    assert proxy.accepted == 1
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def password_cluster() -> Iterator[LocalPostgres]:
+    """A cluster that checks passwords, with a role whose password has every awkward character."""
+    with LocalPostgres(hba=["host all alex 127.0.0.1/32 scram-sha-256"]) as cluster:
+        cluster.execute("CREATE ROLE alex LOGIN PASSWORD %s", params=(PASSWORD,))
+        yield cluster
+
+
+def start_check(url: str, **config: t.Any) -> DatabaseUnavailableError:
+    app = Flask(__name__)
+    app.config.update(DB_URL=url, DB_CONNECT_ON_START=True, DB_CONNECT_RETRY_SECONDS=0, **config)
+    with pytest.raises(DatabaseUnavailableError) as info:
+        NeonDB(app, env_file=None)
+    assert "flask-neon" not in app.extensions
+    return info.value
+
+
+def alex_url(cluster: LocalPostgres, password: str, database: str = "postgres") -> str:
+    from urllib.parse import quote
+
+    return f"postgresql://alex:{quote(password, safe='')}@127.0.0.1:{cluster.port}/{database}"
+
+
+def test_startup_check_passes_with_the_right_password(password_cluster: LocalPostgres) -> None:
+    app = Flask(__name__)
+    app.config.update(DB_URL=alex_url(password_cluster, PASSWORD), DB_CONNECT_ON_START=True)
+    db = NeonDB(app, env_file=None)
+    assert query(db, app, "SELECT current_user") == "alex"
+
+
+def test_startup_check_wrong_password(password_cluster: LocalPostgres) -> None:
+    wrong = PASSWORD + "-wrong"
+    error = start_check(alex_url(password_cluster, wrong))
+    assert error.cause.name == "auth_failed"
+    assert wrong not in str(error) and PASSWORD not in str(error)
+    assert "DB_CONNECT_ON_START" in str(error)
+
+
+def test_startup_check_unknown_database(password_cluster: LocalPostgres) -> None:
+    error = start_check(alex_url(password_cluster, PASSWORD, "no_such_db"))
+    assert error.cause.name == "database_missing"
+    assert PASSWORD not in str(error)
+
+
+def test_startup_check_refused_port() -> None:
+    error = start_check(f"postgresql://alex:{PASSWORD}@127.0.0.1:{closed_port()}/db")
+    assert error.cause.name == "connection_refused"
+    assert error.cause.transient
+    assert PASSWORD not in str(error)
+
+
+def test_startup_check_unknown_host() -> None:
+    error = start_check(f"postgresql://alex:{PASSWORD}@no-such-host.invalid/db")
+    assert error.cause.name == "unknown_host"
+
+
+def test_startup_check_times_out_against_a_silent_server(proxy: FaultProxy, database_url: str) -> None:
+    proxy.mode = "blackhole"
+    started = time.monotonic()
+    error = start_check(proxy.url(database_url), DB_CONNECT_TIMEOUT=2)
+    assert error.cause.name == "connect_timeout"
+    assert time.monotonic() - started < 6
+
+
+def test_startup_check_tls_required_by_server(tmp_path_factory: pytest.TempPathFactory) -> None:
+    # The server only accepts TLS connections (hostssl) but has no TLS configured: the
+    # plaintext attempt is refused by pg_hba with "no encryption", as a TLS-only server does.
+    with LocalPostgres(hba=["hostnossl all all 127.0.0.1/32 reject"]) as cluster:
+        error = start_check(cluster.url + "?sslmode=disable")
+    assert error.cause.name == "tls_required"
+
+
+def test_dead_sockets_are_counted_out(make_app: AppFactory, fresh_database: str) -> None:
+    """After the terminate storm the pool holds no more connections than it should."""
+    app, db = make_app(fresh_database, DB_POOL_SIZE=2, DB_MAX_OVERFLOW=0)
+    warm_pool(db, app, 2)
+    terminate_backends(fresh_database)
+    wait_until(lambda: not backend_pids(fresh_database))
+    for _ in range(5):
+        query(db, app, "SELECT 1")
+    assert len(backend_pids(fresh_database)) <= 2
+    assert admin_execute(fresh_database, "SELECT 1") == [(1,)]
