@@ -83,7 +83,9 @@ AppFactory = Callable[..., tuple[Flask, NeonDB]]
 def make_app(database_url: str) -> AppFactory:
     """Build a Flask app with NeonDB on the test database; keyword arguments go to app.config."""
 
-    def factory(url: str | None = None, *, db: NeonDB | None = None, **config: t.Any) -> tuple[Flask, NeonDB]:
+    def factory(
+        url: str | None = None, *, db: NeonDB | None = None, **config: t.Any
+    ) -> tuple[Flask, NeonDB]:
         app = Flask(f"test_{uuid.uuid4().hex[:8]}")
         app.config.update({"DB_URL": url or database_url, **config})
         neon = db or NeonDB(env_file=None)
@@ -106,7 +108,7 @@ def backend_pids(url: str, application_prefix: str = "flask-neon") -> list[int]:
 
 
 def terminate_backends(url: str) -> int:
-    """``pg_terminate_backend`` every flask-neon backend on ``url``'s database; returns the count."""
+    """Terminate every flask-neon backend on ``url``'s database; returns the count."""
     pids = backend_pids(url)
     for pid in pids:
         admin_execute(url, "SELECT pg_terminate_backend(%s, 5000)", (pid,))

@@ -19,7 +19,9 @@ Mode = t.Literal["forward", "blackhole"]
 
 
 def _error_response(message: str, sqlstate: str = "XX000") -> bytes:
-    fields = b"SERROR\x00VERROR\x00C" + sqlstate.encode() + b"\x00M" + message.encode() + b"\x00\x00"
+    fields = (
+        b"SERROR\x00VERROR\x00C" + sqlstate.encode() + b"\x00M" + message.encode() + b"\x00\x00"
+    )
     return b"E" + struct.pack("!I", len(fields) + 4) + fields
 
 

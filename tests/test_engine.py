@@ -253,7 +253,8 @@ def test_startup_check_wrong_password(password_cluster: LocalPostgres) -> None:
     wrong = PASSWORD + "-wrong"
     error = start_check(alex_url(password_cluster, wrong))
     assert error.cause.name == "auth_failed"
-    assert wrong not in str(error) and PASSWORD not in str(error)
+    assert wrong not in str(error)
+    assert PASSWORD not in str(error)
     assert "DB_CONNECT_ON_START" in str(error)
 
 
@@ -275,7 +276,9 @@ def test_startup_check_unknown_host() -> None:
     assert error.cause.name == "unknown_host"
 
 
-def test_startup_check_times_out_against_a_silent_server(proxy: FaultProxy, database_url: str) -> None:
+def test_startup_check_times_out_against_a_silent_server(
+    proxy: FaultProxy, database_url: str
+) -> None:
     proxy.mode = "blackhole"
     started = time.monotonic()
     error = start_check(proxy.url(database_url), DB_CONNECT_TIMEOUT=2)

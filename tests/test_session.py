@@ -115,7 +115,8 @@ def test_thousand_requests_half_failing_leave_no_connection_checked_out(
     app.config["PROPAGATE_EXCEPTIONS"] = False
     client = app.test_client()
     statuses = [client.get(f"/maybe-fail/{n}").status_code for n in range(1000)]
-    assert statuses.count(200) == 500 and statuses.count(500) == 500
+    assert statuses.count(200) == 500
+    assert statuses.count(500) == 500
     assert checked_out(db, app) == 0
     pool = db.get_engine(app).pool
     # Connections were reused, not opened per request.

@@ -78,7 +78,9 @@ def test_the_url_is_a_secret_in_repr() -> None:
         (False, "serverless", "serverless"),
     ],
 )
-def test_profile_defaults_to_debug_mode(debug: bool, configured: str | None, expected: str) -> None:
+def test_profile_defaults_to_debug_mode(
+    debug: bool, configured: str | None, expected: str
+) -> None:
     loaded = load_settings({"DB_URL": GOOD_URL, "DB_PROFILE": configured}, None)
     assert resolve_profile(loaded, debug).name == expected
 
@@ -99,7 +101,8 @@ def test_profile_values_and_explicit_settings_win() -> None:
 
     explicit = load_settings({"DB_URL": GOOD_URL, "DB_POOL_SIZE": 4}, None)
     config = pool_config(explicit, PROFILES["development"])
-    assert config.pool_size == 4 and config.sources["pool_size"] == "app.config"
+    assert config.pool_size == 4
+    assert config.sources["pool_size"] == "app.config"
     assert config.max_overflow == 5
 
     production = pool_config(dev, PROFILES["production"])
@@ -178,7 +181,8 @@ def test_several_bad_settings_are_reported_together() -> None:
     app.config.update(DB_URL=GOOD_URL, DB_POOL_SIZE=0, DB_POOL_TIMEOUT=0)
     with pytest.raises(NeonConfigError) as info:
         NeonDB(app, env_file=None)
-    assert "DB_POOL_SIZE" in str(info.value) and "DB_POOL_TIMEOUT" in str(info.value)
+    assert "DB_POOL_SIZE" in str(info.value)
+    assert "DB_POOL_TIMEOUT" in str(info.value)
 
 
 def test_every_field_has_a_description_and_key() -> None:

@@ -46,9 +46,7 @@ def test_masked_rendering_hides_password_and_secret_params() -> None:
         "postgresql://alex:hunter2@host/db?sslmode=require&sslpassword=keypass&password=qp"
     )
     masked = url.masked()
-    assert masked == (
-        "postgresql://alex:***@host/db?sslmode=require&sslpassword=***&password=***"
-    )
+    assert masked == ("postgresql://alex:***@host/db?sslmode=require&sslpassword=***&password=***")
     assert str(url) == masked
     assert "hunter2" not in repr(url)
     assert set(url.secrets()) == {"hunter2", "keypass", "qp"}
@@ -61,7 +59,11 @@ def test_masked_never_contains_the_password(password: str) -> None:
     # Whatever the password, the masked form is the same: nothing of it can leak through.
     assert url.masked() == "postgresql://alex:***@host.example/db"
     reparsed = parse_url(url.to_sqlalchemy().render_as_string(hide_password=False))
-    assert (reparsed.password, reparsed.host, reparsed.database) == (password, "host.example", "db")
+    assert (reparsed.password, reparsed.host, reparsed.database) == (
+        password,
+        "host.example",
+        "db",
+    )
 
 
 def test_unix_socket_url_is_accepted() -> None:
@@ -79,17 +81,20 @@ def test_ipv6_host_with_port() -> None:
 @pytest.mark.parametrize("host", [NEON_POOLED, NEON_CELL_POOLED])
 def test_neon_pooled_host_and_its_direct_twin(host: str) -> None:
     url = parse_url(f"postgresql://alex:pw@{host}/neondb?sslmode=require")
-    assert url.is_neon and url.is_neon_pooled
+    assert url.is_neon
+    assert url.is_neon_pooled
     assert url.endpoint_id == "ep-cool-darkness-123456"
     direct = url.direct()
     assert not direct.is_neon_pooled
     assert direct.host == host.replace("-pooler", "")
-    assert direct.password == "pw" and direct.query == url.query
+    assert direct.password == "pw"
+    assert direct.query == url.query
 
 
 def test_direct_neon_host_is_not_pooled() -> None:
     url = parse_url("postgresql://alex:pw@ep-cool-darkness-123456.us-east-2.aws.neon.tech/db")
-    assert url.is_neon and not url.is_neon_pooled
+    assert url.is_neon
+    assert not url.is_neon_pooled
     assert url.direct() is url
 
 
