@@ -28,6 +28,7 @@ from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from .errors import classify
+from .monitoring import MeasuredQueuePool
 from .profiles import PoolConfig
 from .settings import NeonSettings
 from .url import DatabaseURL
@@ -83,6 +84,7 @@ def make_engine(
 
     engine = sa.create_engine(
         url.to_sqlalchemy(),
+        poolclass=MeasuredQueuePool,
         pool_size=pool.pool_size,
         max_overflow=pool.max_overflow,
         pool_timeout=pool.pool_timeout,

@@ -11,8 +11,12 @@ import sqlalchemy as sa
 from flask import Flask, current_app, g, has_app_context
 from sqlalchemy import orm
 
+from . import health
+from .cli import db_check
+from .handlers import register_error_handlers
 from .engine import limit_parameters, limits_mode, make_engine
 from .errors import DatabaseUnavailableError, NeonStateError, classify
+from .monitoring import Leak, PoolMonitor, install_slow_query_log
 from .profiles import PoolConfig, pool_config, resolve_profile
 from .settings import LoadedSettings, NeonSettings, load_settings
 from .url import DatabaseURL, parse_url
@@ -20,6 +24,8 @@ from .url import DatabaseURL, parse_url
 log = logging.getLogger("flask_neon")
 
 EXTENSION_KEY = "flask-neon"
+#: Development catches leaks early; production pays nothing unless DB_LEAK_THRESHOLD is set.
+DEVELOPMENT_LEAK_THRESHOLD = 30.0
 _SESSION_KEY = "_flask_neon_session"
 
 #: Naming conventions give constraints stable names, so Alembic can drop and alter them.
@@ -43,6 +49,9 @@ class NeonState:
     pool: PoolConfig
     engine: sa.Engine
     sessionmaker: orm.sessionmaker[orm.Session]
+    monitor: PoolMonitor
+    health: health.HealthChecker
+    health_details: bool
 
     @property
     def settings(self) -> NeonSettings:
@@ -113,9 +122,17 @@ class NeonDB:
         pooled = url.is_neon_pooled
         profile = resolve_profile(loaded, app.debug)
         pool = pool_config(loaded, profile)
+        development = profile.name == "development"
         engine = make_engine(
             url, settings, pool, pooled=pooled, application_name=f"flask-neon:{app.name}"
         )
+        leak_threshold = settings.leak_threshold
+        if leak_threshold is None:
+            leak_threshold = DEVELOPMENT_LEAK_THRESHOLD if development else 0
+        monitor = PoolMonitor(leak_threshold)
+        monitor.install(engine)
+        if settings.slow_query_ms:
+            install_slow_query_log(engine, settings.slow_query_ms)
         state = NeonState(
             db=self,
             loaded=loaded,
@@ -124,11 +141,23 @@ class NeonDB:
             pool=pool,
             engine=engine,
             sessionmaker=orm.sessionmaker(bind=engine, **self.session_options),
+            monitor=monitor,
+            health=health.HealthChecker(
+                engine, url.secrets(), settings.health_timeout, settings.health_cache_seconds
+            ),
+            health_details=(
+                development if settings.health_details is None else settings.health_details
+            ),
         )
         if settings.connect_on_start:
             _check_connection(state)
         app.extensions[EXTENSION_KEY] = state
         app.teardown_appcontext(self._teardown)
+        if settings.health_enabled:
+            health.register(app, settings.health_prefix.rstrip("/") or "")
+        if settings.error_handler:
+            register_error_handlers(app)
+        app.cli.add_command(db_check)
         log.info(
             "flask-neon: app %r uses %s (%s host), profile %s, pool %s, session limits %s",
             app.name,
@@ -185,6 +214,21 @@ class NeonDB:
     def url(self) -> DatabaseURL:
         """The current app's parsed URL; ``str()`` shows it masked."""
         return self._state(what="db.url").url
+
+    def pool_stats(self, app: Flask | None = None) -> dict[str, t.Any]:
+        """Pool statistics of ``app`` (default: the current app).
+
+        Keys: ``status`` (``ok``, ``busy`` when overflow connections are in use, ``exhausted``
+        when none is left), ``size``, ``checked_in``, ``checked_out``, ``overflow``,
+        ``max_capacity``, and counters since start: ``connections_opened``, ``checkouts``,
+        ``invalidations``, ``checkout_timeouts``, ``checkout_wait_seconds``.
+        """
+        state = self._state(app, "db.pool_stats()")
+        return state.monitor.stats(state.engine)
+
+    def check_connection_leaks(self, app: Flask | None = None) -> list[Leak]:
+        """Connections held longer than ``DB_LEAK_THRESHOLD`` right now (empty when off)."""
+        return self._state(app, "db.check_connection_leaks()").monitor.check_leaks()
 
     def state(self, app: Flask | None = None) -> NeonState:
         """The per-app state (engine, settings, URL, pool); for tools and tests."""
@@ -254,6 +298,14 @@ class NeonDB:
             if state.db is self:
                 return f"<NeonDB {state.url.masked()} profile={state.pool.profile}>"
         return "<NeonDB>"
+
+
+def current_state() -> NeonState:
+    """The flask-neon state of the current app, for the blueprint, handlers and CLI."""
+    state = current_app.extensions.get(EXTENSION_KEY)
+    if state is None:
+        raise NeonStateError(f"flask-neon is not initialised on app '{current_app.name}'.")
+    return t.cast(NeonState, state)
 
 
 def _check_connection(state: NeonState) -> None:

@@ -118,6 +118,59 @@ class NeonSettings(BaseSettings):
         "through PgBouncer), off (set them on the role), auto (startup, or transaction "
         "through a pooler).",
     )
+    health_enabled: bool = Field(
+        default=True,
+        description="Register the health routes (GET {prefix}/db readiness, {prefix}/live "
+        "liveness).",
+    )
+    health_prefix: str = Field(
+        default="/health",
+        pattern=r"^/[A-Za-z0-9_\-/.]*$",
+        max_length=200,
+        description="URL prefix of the health routes.",
+    )
+    health_timeout: float = Field(
+        default=2.0,
+        ge=0.1,
+        le=60,
+        description="Seconds the health check may take, whatever the database does.",
+    )
+    health_cache_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        le=3600,
+        description="Reuse the last health result this long (0: query on every probe). A "
+        "query keeps a Neon compute awake: a longer cache lets it suspend.",
+    )
+    health_mode: t.Literal["query", "pool"] = Field(
+        default="query",
+        description="query: a round trip to the database; pool: report pool state only, never "
+        "waking or keeping awake a suspended compute.",
+    )
+    health_details: bool | None = Field(
+        default=None,
+        description="Add URL (masked), server version, user, TLS and error text to the health "
+        "body. Unset: on in the development profile only.",
+    )
+    leak_threshold: float | None = Field(
+        default=None,
+        ge=0,
+        le=86400,
+        description="Warn when a connection is held longer than this many seconds (0: off). "
+        "Unset: 30 in the development profile, off otherwise.",
+    )
+    slow_query_ms: int = Field(
+        default=0,
+        ge=0,
+        le=3_600_000,
+        description="Log statements slower than this many milliseconds, with the endpoint, "
+        "never the parameters (0: off).",
+    )
+    error_handler: bool = Field(
+        default=True,
+        description="Answer 503 JSON with Retry-After, not a 500 traceback, when a view fails "
+        "because the database is unavailable or the pool is exhausted.",
+    )
     ping_after_idle: float = Field(
         default=60.0,
         ge=0,
@@ -219,10 +272,14 @@ def _allowed(field: str) -> str:
     """Say in words what ``field`` accepts, from the model's own constraints."""
     info = NeonSettings.model_fields[field]
     annotation = info.annotation
+    # Unwrap ``X | None``: the None only means "unset, use the profile's choice".
     args = [a for a in t.get_args(annotation) if a is not type(None)]
-    if t.get_origin(annotation) is t.Literal or (args and t.get_origin(args[0]) is t.Literal):
-        choices = t.get_args(annotation if t.get_origin(annotation) is t.Literal else args[0])
-        return "one of " + ", ".join(str(c) for c in choices)
+    if type(None) in t.get_args(annotation) and len(args) == 1:
+        annotation = args[0]
+    if t.get_origin(annotation) is t.Literal:
+        return "one of " + ", ".join(str(c) for c in t.get_args(annotation))
+    if annotation is str:
+        return "a URL path starting with '/'"
     if annotation is bool:
         return "a boolean (true/false, 1/0, yes/no, on/off)"
     low = high = None
