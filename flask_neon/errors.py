@@ -89,7 +89,7 @@ _RULES: tuple[_Rule, ...] = (
         "slow requests or connection leaks, or raise DB_POOL_SIZE / DB_MAX_OVERFLOW (staying "
         "under the server's max_connections).",
         transient=True,
-        patterns=(r"QueuePool limit of size",),
+        patterns=(r"queuepool limit of size",),
     ),
     _Rule(
         "compute_waking",
