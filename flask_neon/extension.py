@@ -13,9 +13,9 @@ from sqlalchemy import orm
 
 from . import health
 from .cli import db_check
-from .handlers import register_error_handlers
 from .engine import limit_parameters, limits_mode, make_engine
 from .errors import DatabaseUnavailableError, NeonStateError, classify
+from .handlers import register_error_handlers
 from .monitoring import Leak, PoolMonitor, install_slow_query_log
 from .profiles import PoolConfig, pool_config, resolve_profile
 from .settings import LoadedSettings, NeonSettings, load_settings

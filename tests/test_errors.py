@@ -31,7 +31,7 @@ def test_patterns_are_lowercase_because_messages_are_lowered() -> None:
         ),
         ("FATAL: connection is insecure (try using `sslmode=require`)", "tls_required"),
         (
-            "FATAL: remaining connection slots are reserved for roles with the SUPERUSER attribute",
+            "FATAL: remaining connection slots are reserved for roles with SUPERUSER",
             "too_many_connections",
         ),
         ("SSL SYSCALL error: EOF detected", "connection_lost"),
