@@ -88,8 +88,7 @@ class NeonSettings(BaseSettings):
         default=60.0,
         ge=0,
         le=86400,
-        description="Seconds a transaction may sit idle before the server ends it (0: no "
-        "limit). Key: DB_IDLE_IN_TRANSACTION_TIMEOUT.",
+        description="Seconds a transaction may sit idle before the server ends it (0: no limit).",
     )
     connect_timeout: int = Field(
         default=10,
@@ -278,6 +277,8 @@ def _allowed(field: str) -> str:
         annotation = args[0]
     if t.get_origin(annotation) is t.Literal:
         return "one of " + ", ".join(str(c) for c in t.get_args(annotation))
+    if annotation is SecretStr:
+        return "a PostgreSQL URL"
     if annotation is str:
         return "a URL path starting with '/'"
     if annotation is bool:
@@ -294,3 +295,29 @@ def _allowed(field: str) -> str:
     if low is not None:
         return f"{kind} >= {low}"
     return kind
+
+
+def describe_settings() -> list[dict[str, str]]:
+    """One row per setting: key, default, allowed values, description (for docs and the CLI)."""
+    rows = []
+    for name, info in NeonSettings.model_fields.items():
+        default = "required" if info.is_required() else _show_default(info.default)
+        rows.append(
+            {
+                "key": key_for(name),
+                "default": default,
+                "allowed": _allowed(name),
+                "description": info.description or "",
+            }
+        )
+    return rows
+
+
+def _show_default(value: t.Any) -> str:
+    if value is None:
+        return "(profile)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
