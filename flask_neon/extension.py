@@ -9,6 +9,7 @@ import typing as t
 
 import sqlalchemy as sa
 from flask import Flask, current_app, g, has_app_context
+from pydantic import SecretStr
 from sqlalchemy import orm
 
 from . import health
@@ -19,7 +20,7 @@ from .handlers import register_error_handlers
 from .monitoring import Leak, PoolMonitor, install_slow_query_log
 from .profiles import PoolConfig, pool_config, resolve_profile
 from .settings import LoadedSettings, NeonSettings, load_settings
-from .url import DatabaseURL, parse_url
+from .url import DatabaseURL, resolve_urls
 
 log = logging.getLogger("flask_neon")
 
@@ -27,6 +28,7 @@ EXTENSION_KEY = "flask-neon"
 #: Development catches leaks early; production pays nothing unless DB_LEAK_THRESHOLD is set.
 DEVELOPMENT_LEAK_THRESHOLD = 30.0
 _SESSION_KEY = "_flask_neon_session"
+_READ_SESSION_KEY = "_flask_neon_read_session"
 
 #: Naming conventions give constraints stable names, so Alembic can drop and alter them.
 NAMING_CONVENTION = {
@@ -38,24 +40,66 @@ NAMING_CONVENTION = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Engine:
+    """One engine of an app, with the URL it was built from and its monitors."""
+
+    url: DatabaseURL
+    pooled: bool
+    engine: sa.Engine
+    monitor: PoolMonitor
+    health: health.HealthChecker
+
+
 @dataclasses.dataclass
 class NeonState:
     """Everything flask-neon holds for one app, stored in ``app.extensions["flask-neon"]``."""
 
     db: NeonDB
     loaded: LoadedSettings
-    url: DatabaseURL
-    pooled: bool
     pool: PoolConfig
-    engine: sa.Engine
+    #: The app's engine, on DB_URL (pooled or direct).
+    primary: Engine
+    #: The engine for migrations and checks: the direct host (the primary when it is direct).
+    admin: Engine
+    #: The read replica's engine when DB_READ_URL is set.
+    read: Engine | None
     sessionmaker: orm.sessionmaker[orm.Session]
-    monitor: PoolMonitor
-    health: health.HealthChecker
+    read_sessionmaker: orm.sessionmaker[orm.Session]
     health_details: bool
 
     @property
     def settings(self) -> NeonSettings:
         return self.loaded.settings
+
+    @property
+    def url(self) -> DatabaseURL:
+        return self.primary.url
+
+    @property
+    def pooled(self) -> bool:
+        return self.primary.pooled
+
+    @property
+    def engine(self) -> sa.Engine:
+        return self.primary.engine
+
+    @property
+    def admin_engine(self) -> sa.Engine:
+        return self.admin.engine
+
+    @property
+    def monitor(self) -> PoolMonitor:
+        return self.primary.monitor
+
+    @property
+    def health(self) -> health.HealthChecker:
+        return self.primary.health
+
+    def secrets(self) -> list[str]:
+        """Every secret of every URL the app uses, for masking free text."""
+        engines = {id(e): e for e in (self.primary, self.admin, self.read) if e is not None}
+        return [secret for e in engines.values() for secret in e.url.secrets()]
 
     @property
     def session_limits(self) -> dict[str, t.Any]:
@@ -118,32 +162,62 @@ class NeonDB:
             )
         loaded = load_settings(app.config, self.env_file)
         settings = loaded.settings
-        url = parse_url(settings.url.get_secret_value(), "DB_URL")
-        pooled = url.is_neon_pooled
         profile = resolve_profile(loaded, app.debug)
-        pool = pool_config(loaded, profile)
         development = profile.name == "development"
-        engine = make_engine(
-            url, settings, pool, pooled=pooled, application_name=f"flask-neon:{app.name}"
+        require_tls = (
+            profile.name == "production" if settings.require_tls is None else settings.require_tls
         )
+        urls = resolve_urls(
+            settings.url.get_secret_value(),
+            direct_raw=_secret(settings.direct_url),
+            read_raw=_secret(settings.read_url),
+            pooled=settings.pooled,
+            require_tls=require_tls,
+        )
+        pool = pool_config(loaded, profile)
         leak_threshold = settings.leak_threshold
         if leak_threshold is None:
             leak_threshold = DEVELOPMENT_LEAK_THRESHOLD if development else 0
-        monitor = PoolMonitor(leak_threshold)
-        monitor.install(engine)
-        if settings.slow_query_ms:
-            install_slow_query_log(engine, settings.slow_query_ms)
+        name = f"flask-neon:{app.name}"
+
+        def build(url: DatabaseURL, pooled: bool, config: PoolConfig) -> Engine:
+            engine = make_engine(url, settings, config, pooled=pooled, application_name=name)
+            monitor = PoolMonitor(leak_threshold)
+            monitor.install(engine)
+            if settings.slow_query_ms:
+                install_slow_query_log(engine, settings.slow_query_ms)
+            checker = health.HealthChecker(
+                engine, url.secrets(), settings.health_timeout, settings.health_cache_seconds
+            )
+            return Engine(url, pooled, engine, monitor, checker)
+
+        primary = build(urls.primary, urls.pooled, pool)
+        if urls.direct is None or urls.direct is urls.primary:
+            admin = primary
+        else:
+            # Migrations and checks are one connection at a time: a tiny pool is enough.
+            admin = build(
+                urls.direct, False, dataclasses.replace(pool, pool_size=1, max_overflow=2)
+            )
+        read = None
+        if urls.read is not None:
+            read = build(urls.read, urls.read.is_neon_pooled or bool(settings.pooled), pool)
+        if urls.pooled and urls.direct is None:
+            log.warning(
+                "flask-neon: DB_POOLED is on but DB_DIRECT_URL is not set: migrations and "
+                "flask db-check go through the pooler, where session state does not survive."
+            )
         state = NeonState(
             db=self,
             loaded=loaded,
-            url=url,
-            pooled=pooled,
             pool=pool,
-            engine=engine,
-            sessionmaker=orm.sessionmaker(bind=engine, **self.session_options),
-            monitor=monitor,
-            health=health.HealthChecker(
-                engine, url.secrets(), settings.health_timeout, settings.health_cache_seconds
+            primary=primary,
+            admin=admin,
+            read=read,
+            sessionmaker=orm.sessionmaker(bind=primary.engine, **self.session_options),
+            read_sessionmaker=orm.sessionmaker(
+                bind=(read or primary).engine.execution_options(postgresql_readonly=True),
+                **self.session_options,
             ),
             health_details=(
                 development if settings.health_details is None else settings.health_details
@@ -159,10 +233,12 @@ class NeonDB:
             register_error_handlers(app)
         app.cli.add_command(db_check)
         log.info(
-            "flask-neon: app %r uses %s (%s host), profile %s, pool %s, session limits %s",
+            "flask-neon: app %r uses %s (%s host%s%s), profile %s, pool %s, session limits %s",
             app.name,
-            url.masked(),
-            "pooled" if pooled else "direct",
+            urls.primary.masked(),
+            "pooled" if urls.pooled else "direct",
+            f", migrations via {admin.url.masked()}" if admin is not primary else "",
+            f", reads via {read.url.masked()}" if read is not None else "",
             pool.profile,
             {k: v for k, v in pool.as_dict().items() if k != "profile"},
             state.session_limits,
@@ -192,8 +268,21 @@ class NeonDB:
         return self._state(what="db.engine").engine
 
     def get_engine(self, app: Flask | None = None) -> sa.Engine:
-        """The engine of ``app`` (default: the current app)."""
-        return self._state(app, "db.get_engine()").engine
+        """The engine for schema changes and admin work: Flask-Migrate's hook.
+
+        This is :attr:`engine` itself, unless ``DB_URL`` goes through a pooler: then it is an
+        engine on the direct host (``DB_DIRECT_URL``, or the Neon host without ``-pooler``),
+        because migrations need session state that a transaction-mode pooler drops.
+        Flask-Migrate's ``env.py`` calls ``db.get_engine()`` first, so ``flask db upgrade``
+        runs on the direct host with no change to ``env.py``.
+        """
+        return self._state(app, "db.get_engine()").admin_engine
+
+    @property
+    def read_engine(self) -> sa.Engine:
+        """The read replica's engine (``DB_READ_URL``), or the primary's when unset."""
+        state = self._state(what="db.read_engine")
+        return (state.read or state.primary).engine
 
     @property
     def metadatas(self) -> dict[str | None, sa.MetaData]:
@@ -268,20 +357,37 @@ class NeonDB:
             setattr(g, _SESSION_KEY, session)
         return t.cast(orm.Session, session)
 
+    @property
+    def read_session(self) -> orm.Session:
+        """A session for read-only work, on the replica when ``DB_READ_URL`` is set.
+
+        Its transactions are read-only (a write fails with the ``read_only`` cause), also when
+        it falls back to the primary. The replica lags behind the primary: reads that must see
+        this request's own writes belong on :attr:`session`. Closed at teardown like it.
+        """
+        session = g.get(_READ_SESSION_KEY) if has_app_context() else None
+        if session is None:
+            state = self._state(what="db.read_session")
+            session = state.read_sessionmaker()
+            setattr(g, _READ_SESSION_KEY, session)
+        return t.cast(orm.Session, session)
+
     def _teardown(self, exc: BaseException | None) -> None:
-        """Return this app context's connection to the pool.
+        """Return this app context's connections to the pool.
 
         Anything not committed is rolled back. A broken connection is logged and discarded;
         teardown never raises into Flask.
         """
-        session: orm.Session | None = g.pop(_SESSION_KEY, None)
-        if session is None:
-            return
+        for key in (_SESSION_KEY, _READ_SESSION_KEY):
+            session: orm.Session | None = g.pop(key, None)
+            if session is not None:
+                self._close(session)
+
+    def _close(self, session: orm.Session) -> None:
         try:
             session.close()
         except Exception as error:
-            state = self._state(what="teardown")
-            cause = classify(error, state.url.secrets())
+            cause = classify(error, self._state(what="teardown").secrets())
             log.warning(
                 "flask-neon: closing the session failed (%s: %s); connection discarded",
                 cause.title,
@@ -298,6 +404,10 @@ class NeonDB:
             if state.db is self:
                 return f"<NeonDB {state.url.masked()} profile={state.pool.profile}>"
         return "<NeonDB>"
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 def current_state() -> NeonState:

@@ -46,6 +46,26 @@ class NeonSettings(BaseSettings):
         description="PostgreSQL URL (postgresql://, postgres:// or postgresql+psycopg2://). "
         "Neon: copy it from the console; the -pooler host is recognised."
     )
+    direct_url: SecretStr | None = Field(
+        default=None,
+        description="Direct (non-pooled) URL for migrations and flask db-check. Unset: derived "
+        "from a Neon -pooler host by removing -pooler.",
+    )
+    read_url: SecretStr | None = Field(
+        default=None,
+        description="URL of a read replica for db.read_session. Unset: db.read_session reads "
+        "from the primary (in read-only transactions).",
+    )
+    pooled: bool | None = Field(
+        default=None,
+        description="DB_URL goes through a transaction-mode pooler (PgBouncer). Unset: true "
+        "for a Neon -pooler host.",
+    )
+    require_tls: bool | None = Field(
+        default=None,
+        description="Refuse a non-local host whose sslmode may fall back to plaintext. Unset: "
+        "on in the production profile.",
+    )
     profile: Profile | None = Field(
         default=None,
         description="Pool profile: development, production or serverless. Unset: development "
@@ -240,7 +260,7 @@ def _sources(
     return sources
 
 
-_SECRET_FIELDS = frozenset({"url"})
+_SECRET_FIELDS = frozenset({"url", "direct_url", "read_url"})
 
 
 def _explain(exc: ValidationError) -> str:
@@ -315,7 +335,7 @@ def describe_settings() -> list[dict[str, str]]:
 
 def _show_default(value: t.Any) -> str:
     if value is None:
-        return "(profile)"
+        return "unset"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():

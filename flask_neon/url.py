@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
 import typing as t
 from urllib.parse import parse_qsl, quote, unquote
@@ -20,6 +21,11 @@ from .errors import NeonConfigError
 DRIVER = "postgresql+psycopg2"
 ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+#: sslmodes that may end up in plaintext: prefer falls back to it silently.
+PLAINTEXT_SSLMODES = (None, "disable", "allow", "prefer")
+CHANNEL_BINDINGS = ("disable", "prefer", "require")
+#: libpq parameters naming files that must exist ("system" is libpq's CA store).
+_FILE_PARAMS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
 #: Query parameters whose values are secrets and are masked like the password.
 SECRET_PARAMS = frozenset({"password", "sslpassword"})
 MASK = "***"
@@ -250,11 +256,52 @@ def _check_query(url: DatabaseURL) -> DatabaseURL:
         raise NeonConfigError(
             f"{url.setting} has sslmode={sslmode!r}; allowed: {', '.join(SSLMODES)}."
         )
+    binding = params.get("channel_binding")
+    if binding is not None and binding not in CHANNEL_BINDINGS:
+        raise NeonConfigError(
+            f"{url.setting} has channel_binding={binding!r}; allowed: "
+            f"{', '.join(CHANNEL_BINDINGS)}."
+        )
+    for name in _FILE_PARAMS:
+        path = params.get(name)
+        if (
+            path
+            and not (name == "sslrootcert" and path == "system")
+            and not os.path.isfile(os.path.expanduser(path))
+        ):
+            raise NeonConfigError(
+                f"{url.setting} has {name}={path!r}, but that file does not exist"
+                + (
+                    " (use sslrootcert=system for the system CA store)."
+                    if name == "sslrootcert"
+                    else "."
+                )
+            )
     if "options" in params and url.is_neon_pooled:
         raise NeonConfigError(
             f"{url.setting} points at a Neon pooler host and sets 'options' "
             f"({url.masked()}); the pooler rejects startup options. Remove them, or use the "
             f"direct host."
+        )
+    return url
+
+
+def apply_tls_policy(url: DatabaseURL, *, require_tls: bool) -> DatabaseURL:
+    """Add ``sslmode=require`` for Neon hosts and refuse plaintext-capable remote URLs.
+
+    Neon refuses plaintext anyway; adding ``require`` turns its cryptic refusal into a working
+    connection. With ``require_tls`` (the production default), a non-local host whose sslmode
+    may end in plaintext is refused: ``prefer``, libpq's default, falls back to it silently.
+    """
+    if url.is_neon and url.sslmode is None:
+        url = url.with_query(sslmode="require")
+    if require_tls and not url.is_local and url.sslmode in PLAINTEXT_SSLMODES:
+        shown = "unset (libpq then uses prefer)" if url.sslmode is None else f"'{url.sslmode}'"
+        raise NeonConfigError(
+            f"{url.setting} connects to '{url.effective_host}' with sslmode {shown}, which can "
+            "fall back to plaintext. Add sslmode=require (better: sslmode=verify-full with "
+            "sslrootcert=system) to the URL, or set DB_REQUIRE_TLS=false for a trusted private "
+            "network."
         )
     return url
 
@@ -268,3 +315,57 @@ def coerce_url(value: str | DatabaseURL | t.Any, setting: str = "DB_URL") -> Dat
     if not isinstance(value, str):
         raise NeonConfigError(f"{setting} must be a string URL, got {type(value).__name__}.")
     return parse_url(value, setting)
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvedURLs:
+    """The URLs one app connects to."""
+
+    primary: DatabaseURL
+    #: Direct host for migrations and admin work; None when the pooler's origin is unknown.
+    direct: DatabaseURL | None
+    read: DatabaseURL | None
+    pooled: bool
+
+
+def resolve_urls(
+    raw: str,
+    *,
+    direct_raw: str | None,
+    read_raw: str | None,
+    pooled: bool | None,
+    require_tls: bool,
+) -> ResolvedURLs:
+    """Parse ``DB_URL``, ``DB_DIRECT_URL`` and ``DB_READ_URL`` and check how they relate."""
+    primary = apply_tls_policy(parse_url(raw, "DB_URL"), require_tls=require_tls)
+    is_pooled = primary.is_neon_pooled if pooled is None else pooled
+    if direct_raw:
+        direct: DatabaseURL | None = apply_tls_policy(
+            parse_url(direct_raw, "DB_DIRECT_URL"), require_tls=require_tls
+        )
+        assert direct is not None
+        if direct.is_neon_pooled:
+            raise NeonConfigError(
+                f"DB_DIRECT_URL points at a pooler host ({direct.masked()}); it must be the "
+                f"direct host, without -pooler: {direct.direct().masked()}."
+            )
+    elif is_pooled:
+        direct = primary.direct() if primary.is_neon_pooled else None
+    else:
+        direct = primary
+    read = None
+    if read_raw:
+        read = apply_tls_policy(parse_url(read_raw, "DB_READ_URL"), require_tls=require_tls)
+        if _same_target(read, primary) or (direct is not None and _same_target(read, direct)):
+            raise NeonConfigError(
+                f"DB_READ_URL is the primary database ({read.masked()}). Set it to the read "
+                "replica's URL, or leave it unset to read from the primary."
+            )
+    return ResolvedURLs(primary, direct, read, is_pooled)
+
+
+def _same_target(a: DatabaseURL, b: DatabaseURL) -> bool:
+    def key(url: DatabaseURL) -> tuple[str, int, str, str | None]:
+        return (url.effective_host.lower(), url.port or 5432, url.database, url.username)
+
+    return key(a) == key(b)

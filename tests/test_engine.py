@@ -272,7 +272,7 @@ def test_startup_check_refused_port() -> None:
 
 
 def test_startup_check_unknown_host() -> None:
-    error = start_check(f"postgresql://alex:{PASSWORD}@no-such-host.invalid/db")
+    error = start_check(f"postgresql://alex:{PASSWORD}@no-such-host.invalid/db?sslmode=require")
     assert error.cause.name == "unknown_host"
 
 
