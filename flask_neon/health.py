@@ -119,10 +119,20 @@ class HealthChecker:
         self, *, use_cache: bool = True, timeout: float | None = None
     ) -> tuple[ProbeResult, bool]:
         """The latest result and whether it came from the cache."""
-        now = time.monotonic()
+        started = time.monotonic()
+        pending = self.start(use_cache=use_cache)
+        deadline = started + (self.timeout if timeout is None else timeout)
+        return self.wait(pending, deadline)
+
+    def start(
+        self, *, use_cache: bool = True
+    ) -> ProbeResult | concurrent.futures.Future[ProbeResult]:
+        """A fresh-enough cached result, or the future of the probe in flight (started now if
+        none is), so that several checkers can run side by side under one deadline."""
         with self._lock:
+            now = time.monotonic()
             if use_cache and self._last is not None and now - self._last_at < self.cache_seconds:
-                return self._last, True
+                return self._last
             future = self._inflight
             if future is None or future.done():
                 future = concurrent.futures.Future()
@@ -130,12 +140,21 @@ class HealthChecker:
                 threading.Thread(
                     target=self._probe_into, args=(future,), name="flask-neon-health", daemon=True
                 ).start()
+            return future
+
+    def wait(
+        self, pending: ProbeResult | concurrent.futures.Future[ProbeResult], deadline: float
+    ) -> tuple[ProbeResult, bool]:
+        """The result of :meth:`start`, waiting at most until ``deadline`` (monotonic)."""
+        if isinstance(pending, ProbeResult):
+            return pending, True
+        started = time.monotonic()
         try:
-            result = future.result(timeout=self.timeout if timeout is None else timeout)
+            result = pending.result(timeout=max(0.0, deadline - started))
         except concurrent.futures.TimeoutError:
             result = ProbeResult(
                 healthy=False,
-                latency_ms=round((time.monotonic() - now) * 1000, 2),
+                latency_ms=round((time.monotonic() - started) * 1000, 2),
                 checked_at=time.time(),
                 cause=_TIMEOUT_CAUSE,
             )
@@ -184,7 +203,11 @@ def health_response(state: NeonState) -> tuple[dict[str, t.Any], int]:
         # No query: a probe that never wakes a suspended compute nor keeps it awake.
         body["status"] = "unhealthy" if pool["status"] == "exhausted" else "healthy"
         return body, 200 if body["status"] == "healthy" else 503
-    result, cached = state.health.check()
+    # Primary and replica are probed side by side under one deadline.
+    deadline = time.monotonic() + settings.health_timeout
+    pending = state.health.start()
+    replica_pending = state.read.health.start() if state.read is not None else None
+    result, cached = state.health.wait(pending, deadline)
     body.update(
         status="healthy" if result.healthy else "unhealthy",
         latency_ms=result.latency_ms,
@@ -201,6 +224,16 @@ def health_response(state: NeonState) -> tuple[dict[str, t.Any], int]:
                 result.cause.detail,
                 result.cause.hint,
             )
+    if state.read is not None:
+        # The replica is reported, not judged: the app still serves writes without it.
+        assert replica_pending is not None
+        replica, replica_cached = state.read.health.wait(replica_pending, deadline)
+        body["replica"] = {
+            "status": "healthy" if replica.healthy else "unhealthy",
+            "latency_ms": replica.latency_ms,
+            "cached": replica_cached,
+            "cause": replica.cause.name if replica.cause else None,
+        }
     if state.health_details:
         body["details"] = {
             "url": state.url.masked(),

@@ -133,3 +133,127 @@ def test_pooler_host_with_startup_options_is_refused() -> None:
     with pytest.raises(NeonConfigError, match="rejects startup options") as info:
         parse_url(f"postgresql://alex:s3cretpw@{NEON_POOLED}/db?options=-c%20search_path%3Dx")
     assert "s3cretpw" not in str(info.value)
+
+
+# -- TLS policy and how the URLs of one app relate --------------------------------------------
+
+from flask_neon.url import apply_tls_policy, resolve_urls  # noqa: E402
+
+
+def test_neon_hosts_get_sslmode_require() -> None:
+    url = apply_tls_policy(parse_url(f"postgresql://a:pw@{NEON_POOLED}/db"), require_tls=True)
+    assert url.sslmode == "require"
+    kept = apply_tls_policy(
+        parse_url(f"postgresql://a:pw@{NEON_POOLED}/db?sslmode=verify-full&sslrootcert=system"),
+        require_tls=True,
+    )
+    assert kept.query_dict == {"sslmode": "verify-full", "sslrootcert": "system"}
+
+
+@pytest.mark.parametrize("sslmode", [None, "disable", "allow", "prefer"])
+def test_plaintext_capable_remote_hosts_are_refused(sslmode: str | None) -> None:
+    query = f"?sslmode={sslmode}" if sslmode else ""
+    url = parse_url(f"postgresql://a:s3cretpw@db.example.com/db{query}")
+    with pytest.raises(NeonConfigError, match="sslmode=require") as info:
+        apply_tls_policy(url, require_tls=True)
+    assert "DB_REQUIRE_TLS=false" in str(info.value)
+    assert "s3cretpw" not in str(info.value)
+    assert apply_tls_policy(url, require_tls=False) is url
+
+
+@pytest.mark.parametrize(
+    "host", ["localhost", "127.0.0.1", "127.8.9.10", "[::1]", "/var/run/postgresql"]
+)
+def test_local_hosts_are_exempt(host: str) -> None:
+    raw = (
+        f"postgresql://a:pw@/db?host={host}&sslmode=disable"
+        if host.startswith("/")
+        else f"postgresql://a:pw@{host}/db?sslmode=disable"
+    )
+    url = parse_url(raw)
+    assert url.is_local
+    assert apply_tls_policy(url, require_tls=True) is url
+
+
+@pytest.mark.parametrize(
+    ("query", "fragment"),
+    [
+        ("sslrootcert=/no/such/ca.pem", "sslrootcert='/no/such/ca.pem'"),
+        ("sslcert=/no/such/cert.pem", "does not exist"),
+        ("channel_binding=maybe", "channel_binding='maybe'"),
+    ],
+)
+def test_tls_parameters_are_checked(query: str, fragment: str) -> None:
+    with pytest.raises(NeonConfigError, match="DB_URL") as info:
+        parse_url(f"postgresql://a:pw@host/db?sslmode=require&{query}")
+    assert fragment in str(info.value)
+
+
+def test_sslrootcert_system_and_channel_binding_pass_through() -> None:
+    url = parse_url(
+        f"postgresql://a:pw@{NEON_POOLED}/db?sslmode=verify-full&sslrootcert=system"
+        "&channel_binding=require"
+    )
+    assert url.to_sqlalchemy().query == {
+        "sslmode": "verify-full",
+        "sslrootcert": "system",
+        "channel_binding": "require",
+    }
+
+
+def test_resolve_derives_the_direct_url_from_a_neon_pooler() -> None:
+    urls = resolve_urls(
+        f"postgresql://a:pw@{NEON_CELL_POOLED}/db",
+        direct_raw=None,
+        read_raw=None,
+        pooled=None,
+        require_tls=True,
+    )
+    assert urls.pooled
+    assert urls.direct is not None
+    assert urls.direct.host == NEON_CELL_POOLED.replace("-pooler", "")
+    assert urls.direct.sslmode == "require"
+
+
+def test_resolve_direct_override_and_declared_pooler() -> None:
+    urls = resolve_urls(
+        "postgresql://a:pw@127.0.0.1:6432/db",
+        direct_raw="postgresql://a:pw@127.0.0.1:5432/db",
+        read_raw=None,
+        pooled=True,
+        require_tls=True,
+    )
+    assert urls.pooled
+    assert urls.direct is not None
+    assert urls.direct.port == 5432
+    unknown = resolve_urls(
+        "postgresql://a:pw@127.0.0.1:6432/db",
+        direct_raw=None,
+        read_raw=None,
+        pooled=True,
+        require_tls=True,
+    )
+    assert unknown.direct is None
+
+
+def test_direct_url_on_a_pooler_host_is_refused() -> None:
+    with pytest.raises(NeonConfigError, match="DB_DIRECT_URL points at a pooler host"):
+        resolve_urls(
+            f"postgresql://a:pw@{NEON_POOLED}/db",
+            direct_raw=f"postgresql://a:s3cretpw@{NEON_POOLED}/db",
+            read_raw=None,
+            pooled=None,
+            require_tls=True,
+        )
+
+
+def test_read_url_equal_to_the_primary_is_refused() -> None:
+    with pytest.raises(NeonConfigError, match="DB_READ_URL is the primary") as info:
+        resolve_urls(
+            "postgresql://a:s3cretpw@127.0.0.1/db",
+            direct_raw=None,
+            read_raw="postgres://a:s3cretpw@127.0.0.1:5432/db",
+            pooled=None,
+            require_tls=True,
+        )
+    assert "s3cretpw" not in str(info.value)
