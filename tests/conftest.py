@@ -7,6 +7,7 @@ with :mod:`flask_neon.localdb`.
 
 from __future__ import annotations
 
+import logging
 import typing as t
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +21,37 @@ from flask_neon.localdb import LocalPostgres
 from flask_neon.url import parse_url
 
 TEST_URL_ENV = "FLASK_NEON_TEST_URL"
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging() -> Iterator[None]:
+    """Undo what Flask-Migrate's env.py does to logging when migrations run in-process.
+
+    Its ``fileConfig()`` disables every logger it does not name (``flask_neon`` among them),
+    sets the root level and adds a stderr handler; left alone, that would leak into later
+    tests that read logs.
+    """
+    manager = logging.Logger.manager
+    root = logging.getLogger()
+    root_level, root_handlers = root.level, set(root.handlers)
+    untouched: tuple[bool, int, bool, set[logging.Handler]] = (False, logging.NOTSET, True, set())
+    saved = {
+        name: (logger.disabled, logger.level, logger.propagate, set(logger.handlers))
+        for name, logger in manager.loggerDict.items()
+        if isinstance(logger, logging.Logger)
+    }
+    yield
+    root.setLevel(root_level)
+    for handler in set(root.handlers) - root_handlers:
+        root.removeHandler(handler)
+    for name, logger in list(manager.loggerDict.items()):
+        if not isinstance(logger, logging.Logger):
+            continue
+        disabled, level, propagate, handlers = saved.get(name, untouched)
+        logger.disabled, logger.propagate = disabled, propagate
+        logger.setLevel(level)
+        for handler in set(logger.handlers) - handlers:
+            logger.removeHandler(handler)
 
 
 def _dsn(url: str) -> str:

@@ -1,0 +1,55 @@
+"""The app's one model: a note with a title, a body and a done flag."""
+
+from __future__ import annotations
+
+import datetime as dt
+import typing as t
+
+import sqlalchemy as sa
+from sqlalchemy.orm import Mapped, mapped_column
+
+from .extensions import Model
+
+TITLE_MAX_LENGTH = 200
+
+
+class Note(Model):
+    """A note. ``created_at`` and ``updated_at`` are set by the database, not by Python."""
+
+    __tablename__ = "notes"
+    # The views validate titles too; the constraint keeps other writers (scripts, psql) honest.
+    # Named "title_length", it becomes "ck_notes_title_length" by NeonDB's naming convention.
+    __table_args__ = (
+        sa.CheckConstraint(
+            f"char_length(title) BETWEEN 1 AND {TITLE_MAX_LENGTH}", name="title_length"
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(sa.String(TITLE_MAX_LENGTH))
+    # Both defaults: Python's for objects built here, the server's for rows inserted elsewhere.
+    body: Mapped[str] = mapped_column(sa.Text, default="", server_default="")
+    done: Mapped[bool] = mapped_column(default=False, server_default=sa.false())
+    # timestamptz: an instant, unambiguous whatever the server's or the client's time zone.
+    created_at: Mapped[dt.datetime] = mapped_column(
+        sa.DateTime(timezone=True), server_default=sa.func.now()
+    )
+    # onupdate adds "updated_at = now()" to every UPDATE this app issues. The server's now()
+    # (the transaction's start) rather than Python's clock keeps both columns on one clock.
+    updated_at: Mapped[dt.datetime] = mapped_column(
+        sa.DateTime(timezone=True), server_default=sa.func.now(), onupdate=sa.func.now()
+    )
+
+    def to_dict(self) -> dict[str, t.Any]:
+        """The note as the API returns it."""
+        return {
+            "id": self.id,
+            "title": self.title,
+            "body": self.body,
+            "done": self.done,
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+        }
+
+    def __repr__(self) -> str:
+        return f"<Note {self.id} {self.title!r}>"
