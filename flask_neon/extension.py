@@ -224,7 +224,12 @@ class NeonDB:
             ),
         )
         if settings.connect_on_start:
-            _check_connection(state)
+            if _loading_for_cli_command():
+                # `flask db-check` reports an unreachable database itself, and `flask db ...`
+                # fails with its own error; a traceback while loading the app helps neither.
+                log.info("flask-neon: DB_CONNECT_ON_START skipped while loading a CLI command")
+            else:
+                _check_connection(state)
         app.extensions[EXTENSION_KEY] = state
         app.teardown_appcontext(self._teardown)
         if settings.health_enabled:
@@ -416,6 +421,15 @@ def current_state() -> NeonState:
     if state is None:
         raise NeonStateError(f"flask-neon is not initialised on app '{current_app.name}'.")
     return t.cast(NeonState, state)
+
+
+def _loading_for_cli_command() -> bool:
+    """True while ``flask <command>`` loads the app to find a command of the app's."""
+    import click
+    from flask.cli import FlaskGroup
+
+    context = click.get_current_context(silent=True)
+    return context is not None and isinstance(context.command, FlaskGroup)
 
 
 def _check_connection(state: NeonState) -> None:

@@ -336,3 +336,28 @@ def test_password_never_shown(make_app: AppFactory, escaped: bool) -> None:
         assert result.output.strip(), args
         for spelling in spellings:
             assert spelling not in result.output, (args, spelling)
+
+
+def test_connect_on_start_does_not_break_loading_the_cli(database_url: str) -> None:
+    """`flask db-check` on an app with DB_CONNECT_ON_START and a down database reports the
+    classified cause instead of a traceback while loading the app."""
+    from click.testing import CliRunner
+    from flask import Flask
+    from flask.cli import FlaskGroup
+
+    from flask_neon import NeonDB
+
+    def create_app() -> Flask:
+        app = Flask("cli_start_check")
+        app.config.update(
+            DB_URL=f"postgresql://u:p@127.0.0.1:{closed_port()}/db",
+            DB_CONNECT_ON_START=True,
+            DB_CONNECT_RETRY_SECONDS=0,
+        )
+        NeonDB(app, env_file=None)
+        return app
+
+    result = CliRunner().invoke(FlaskGroup(create_app=create_app), ["db-check"])
+    assert result.exit_code == 1
+    assert "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: connection_refused")
