@@ -182,7 +182,7 @@ def variants(url: str) -> dict[str, Flask]:
 # -- measurement -----------------------------------------------------------------------------
 
 
-class RequestFailed(RuntimeError):
+class RequestFailedError(RuntimeError):
     pass
 
 
@@ -202,7 +202,7 @@ def caller(app: Flask, path: str) -> Callable[[], None]:
         if close is not None:
             close()
         if not statuses or not statuses[0].startswith("200"):
-            raise RequestFailed(f"{app.name} {path}: {statuses[:1]}")
+            raise RequestFailedError(f"{app.name} {path}: {statuses[:1]}")
 
     return call
 
@@ -215,9 +215,7 @@ def time_calls(call: Callable[[], None], count: int) -> float:
     return (time.perf_counter() - started) / count * 1e6
 
 
-def measure(
-    apps: dict[str, Flask], rounds: int, per_round: int
-) -> dict[str, dict[str, float]]:
+def measure(apps: dict[str, Flask], rounds: int, per_round: int) -> dict[str, dict[str, float]]:
     callers = {
         (name, path): caller(app, path)
         for name, app in apps.items()
@@ -364,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         apps = variants(url)
         try:
             results = measure(apps, args.rounds, args.per_round)
-        except RequestFailed as exc:
+        except RequestFailedError as exc:
             print(f"request failed during the measurement: {exc}", file=sys.stderr)
             return 1
         missed = report(results)
