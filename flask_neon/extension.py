@@ -8,7 +8,11 @@ import os
 import typing as t
 
 import sqlalchemy as sa
-from flask import Flask, current_app, g, has_app_context
+from flask import Flask, current_app, has_app_context
+
+# The app context's ContextVar, which flask.g and current_app resolve through: reading it
+# directly keeps ``db.session`` (touched many times per request) off the LocalProxy path.
+from flask.globals import _cv_app
 from pydantic import SecretStr
 from sqlalchemy import orm
 
@@ -251,17 +255,18 @@ class NeonDB:
 
     def _state(self, app: Flask | None = None, what: str = "db.engine") -> NeonState:
         if app is None:
-            if not has_app_context():
+            context = _cv_app.get(None)
+            if context is None:
                 raise NeonStateError(
                     f"{what} needs an application context. Use it inside a request, a CLI "
                     "command, or 'with app.app_context():'."
                 )
-            app = t.cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
+            app = context.app
         state = app.extensions.get(EXTENSION_KEY)
         if state is None or state.db is not self:
             raise NeonStateError(
                 f"flask-neon is not initialised on app '{app.name}'. Call db.init_app(app) "
-                "(or NeonDB(app)) before using {what}.".replace("{what}", what)
+                f"(or NeonDB(app)) before using {what}."
             )
         return t.cast(NeonState, state)
 
@@ -355,12 +360,19 @@ class NeonDB:
         only when it first runs a query, and at teardown it is rolled back and closed: nothing
         is committed unless you call ``db.session.commit()``.
         """
-        session = g.get(_SESSION_KEY) if has_app_context() else None
-        if session is None:
-            state = self._state(what="db.session")
-            session = state.sessionmaker()
-            setattr(g, _SESSION_KEY, session)
-        return t.cast(orm.Session, session)
+        context = _cv_app.get(None)
+        if context is not None:
+            session = context.g.__dict__.get(_SESSION_KEY)
+            if session is not None:
+                return t.cast(orm.Session, session)
+        return self._new_session(_SESSION_KEY, "db.session")
+
+    def _new_session(self, key: str, what: str) -> orm.Session:
+        state = self._state(what=what)
+        maker = state.sessionmaker if key == _SESSION_KEY else state.read_sessionmaker
+        session = maker()
+        _cv_app.get().g.__dict__[key] = session
+        return session
 
     @property
     def read_session(self) -> orm.Session:
@@ -370,12 +382,12 @@ class NeonDB:
         it falls back to the primary. The replica lags behind the primary: reads that must see
         this request's own writes belong on :attr:`session`. Closed at teardown like it.
         """
-        session = g.get(_READ_SESSION_KEY) if has_app_context() else None
-        if session is None:
-            state = self._state(what="db.read_session")
-            session = state.read_sessionmaker()
-            setattr(g, _READ_SESSION_KEY, session)
-        return t.cast(orm.Session, session)
+        context = _cv_app.get(None)
+        if context is not None:
+            session = context.g.__dict__.get(_READ_SESSION_KEY)
+            if session is not None:
+                return t.cast(orm.Session, session)
+        return self._new_session(_READ_SESSION_KEY, "db.read_session")
 
     def _teardown(self, exc: BaseException | None) -> None:
         """Return this app context's connections to the pool.
@@ -383,8 +395,9 @@ class NeonDB:
         Anything not committed is rolled back. A broken connection is logged and discarded;
         teardown never raises into Flask.
         """
+        namespace = _cv_app.get().g.__dict__
         for key in (_SESSION_KEY, _READ_SESSION_KEY):
-            session: orm.Session | None = g.pop(key, None)
+            session: orm.Session | None = namespace.pop(key, None)
             if session is not None:
                 self._close(session)
 

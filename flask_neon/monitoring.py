@@ -33,6 +33,9 @@ class MeasuredQueuePool(QueuePool):
 
     def _do_get(self) -> ConnectionPoolEntry:
         started = time.perf_counter()
+        if self.monitor is not None:
+            # Counted here rather than in a checkout listener: one less event per request.
+            self.monitor.checkouts += 1
         try:
             return super()._do_get()
         except sa.exc.TimeoutError:
@@ -91,9 +94,9 @@ class PoolMonitor:
         if isinstance(pool, MeasuredQueuePool):
             pool.monitor = self
         event.listen(engine, "connect", self._on_connect)
-        event.listen(engine, "checkout", self._on_checkout)
         event.listen(engine, "invalidate", self._on_invalidate)
         if self.leak_threshold:
+            event.listen(engine, "checkout", self._on_checkout)
             event.listen(engine, "checkin", self._on_checkin)
 
     # -- events ----------------------------------------------------------------------------------
@@ -109,9 +112,7 @@ class PoolMonitor:
     def _on_checkout(
         self, dbapi_connection: t.Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
     ) -> None:
-        self.checkouts += 1
-        if self.leak_threshold:
-            self._remember(record)
+        self._remember(record)
 
     def _on_checkin(self, dbapi_connection: t.Any, record: ConnectionPoolEntry) -> None:
         with self._lock:
