@@ -19,16 +19,28 @@ import typing as t
 
 import click
 from click.core import ParameterSource
-from flask.cli import AppGroup, with_appcontext
+from flask.cli import AppGroup, NoAppException, with_appcontext
 from pydantic import SecretStr
 
-from .errors import ErrorCause, NeonError, NeonStateError, mask_secrets
+from .errors import ErrorCause, NeonConfigError, NeonError, NeonStateError, mask_secrets
 from .health import HealthChecker, ProbeResult
 from .settings import NeonSettings, key_for
 from .url import MASK, DatabaseURL, parse_url
 
 if t.TYPE_CHECKING:
     from .extension import NeonState
+
+
+class CLIConfigError(NeonConfigError, NoAppException):
+    """A :class:`NeonConfigError` raised while ``flask`` loads the app for a command.
+
+    Flask's CLI prints a ``NoAppException`` as one ``Error:`` line and any other exception
+    as a traceback; this one carries the same message as the plain error.
+    """
+
+    def __init__(self, message: str) -> None:
+        NoAppException.__init__(self, message)
+
 
 #: Backoff of ``--wait``: the first pause is at most this long, each one doubles, up to the cap.
 BACKOFF_START = 0.2

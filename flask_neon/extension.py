@@ -17,9 +17,9 @@ from pydantic import SecretStr
 from sqlalchemy import orm
 
 from . import health
-from .cli import db_check
+from .cli import CLIConfigError, db_check
 from .engine import limit_parameters, limits_mode, make_engine
-from .errors import DatabaseUnavailableError, NeonStateError, classify
+from .errors import DatabaseUnavailableError, NeonConfigError, NeonStateError, classify
 from .handlers import register_error_handlers
 from .monitoring import Leak, PoolMonitor, install_slow_query_log
 from .profiles import PoolConfig, pool_config, resolve_profile
@@ -164,6 +164,15 @@ class NeonDB:
                 f"flask-neon is already initialised on app '{app.name}'. Call init_app once "
                 "per app (NeonDB(app) calls it for you)."
             )
+        try:
+            self._init_app(app)
+        except NeonConfigError as error:
+            if _loading_for_cli_command():
+                # Flask's CLI prints this kind as one line; any other exception as a traceback.
+                raise CLIConfigError(str(error)) from None
+            raise
+
+    def _init_app(self, app: Flask) -> None:
         loaded = load_settings(app.config, self.env_file)
         settings = loaded.settings
         profile = resolve_profile(loaded, app.debug)
