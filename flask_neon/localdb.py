@@ -27,6 +27,7 @@ import urllib.parse
 import warnings
 
 import psycopg2  # type: ignore[import-untyped]
+import psycopg2.sql  # type: ignore[import-untyped]
 
 if t.TYPE_CHECKING:
     import types
@@ -190,10 +191,6 @@ def _server_account() -> tuple[int, int] | None:
 def _quote_conf(value: str) -> str:
     # Every GUC accepts a quoted value, so always quoting keeps spaces and quotes safe.
     return "'" + value.replace("'", "''") + "'"
-
-
-def _quote_ident(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
 
 
 def _tail(text: str, lines: int = _LOG_TAIL_LINES) -> str:
@@ -437,7 +434,7 @@ class LocalPostgres:
 
     def execute(
         self,
-        sql: str,
+        sql: str | psycopg2.sql.Composable,
         database: str | None = None,
         params: t.Sequence[t.Any] | t.Mapping[str, t.Any] | None = None,
     ) -> list[tuple[t.Any, ...]]:
@@ -488,7 +485,10 @@ class LocalPostgres:
         )
         if not exists:
             try:
-                self.execute(f"CREATE DATABASE {_quote_ident(name)}", "postgres")
+                statement = psycopg2.sql.SQL("CREATE DATABASE {}").format(
+                    psycopg2.sql.Identifier(name)
+                )
+                self.execute(statement, "postgres")
             except psycopg2.Error as exc:
                 # Someone else created it between the check and here.
                 if exc.pgcode != "42P04":
