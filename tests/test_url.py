@@ -257,3 +257,26 @@ def test_read_url_equal_to_the_primary_is_refused() -> None:
             require_tls=True,
         )
     assert "s3cretpw" not in str(info.value)
+
+
+_names = st.text(min_size=1, max_size=30).filter(lambda s: s.strip() == s and "\x00" not in s)
+
+
+@given(user=_names, password=_names, database=_names, port=st.integers(1, 65535))
+def test_any_url_round_trips_through_sqlalchemy_and_masks(
+    user: str, password: str, database: str, port: int
+) -> None:
+    raw = (
+        f"postgres://{quote(user, safe='')}:{quote(password, safe='')}@db.example.com:{port}/"
+        f"{quote(database, safe='')}?sslmode=require"
+    )
+    url = parse_url(raw)
+    rendered = url.to_sqlalchemy()
+    assert (rendered.username, rendered.password, rendered.database) == (user, password, database)
+    again = parse_url(rendered.render_as_string(hide_password=False))
+    assert again == url
+    # The masked form is fully determined without the password: nothing of it can show.
+    assert url.masked() == (
+        f"postgresql://{quote(user, safe='')}:***@db.example.com:{port}/"
+        f"{quote(database, safe='')}?sslmode=require"
+    )
