@@ -199,6 +199,10 @@ class NeonDB:
             monitor.install(engine)
             if settings.slow_query_ms:
                 install_slow_query_log(engine, settings.slow_query_ms)
+            if settings.metrics and url is urls.primary:
+                from .metrics import install_metrics
+
+                install_metrics(engine, monitor, app.name)
             checker = health.HealthChecker(
                 engine, url.secrets(), settings.health_timeout, settings.health_cache_seconds
             )

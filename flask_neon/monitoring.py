@@ -19,6 +19,9 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
+if t.TYPE_CHECKING:
+    from .metrics import PoolMetrics
+
 log = logging.getLogger("flask_neon")
 
 _CHECKOUT_INFO = "flask_neon.checkout"
@@ -32,19 +35,33 @@ class MeasuredQueuePool(QueuePool):
     monitor: PoolMonitor | None = None
 
     def _do_get(self) -> ConnectionPoolEntry:
-        started = time.perf_counter()
-        if self.monitor is not None:
-            # Counted here rather than in a checkout listener: one less event per request.
-            self.monitor.checkouts += 1
-        try:
+        monitor = self.monitor
+        if monitor is None:
             return super()._do_get()
+        started = time.perf_counter()
+        # Counted here rather than in a checkout listener: one less event per request.
+        monitor.checkouts += 1
+        try:
+            record = super()._do_get()
+            if monitor.metrics is not None:
+                monitor.metrics.refresh(self)
+            return record
         except sa.exc.TimeoutError:
-            if self.monitor is not None:
-                self.monitor.checkout_timeouts += 1
+            monitor.checkout_timeouts += 1
+            if monitor.metrics is not None:
+                monitor.metrics.timeouts.inc()
             raise
         finally:
-            if self.monitor is not None:
-                self.monitor.checkout_wait_seconds += time.perf_counter() - started
+            waited = time.perf_counter() - started
+            monitor.checkout_wait_seconds += waited
+            if monitor.metrics is not None:
+                monitor.metrics.checkouts.inc()
+                monitor.metrics.wait.observe(waited)
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        super()._do_return_conn(record)
+        if self.monitor is not None and self.monitor.metrics is not None:
+            self.monitor.metrics.refresh(self)
 
     def recreate(self) -> QueuePool:
         pool = t.cast(MeasuredQueuePool, super().recreate())
@@ -79,6 +96,7 @@ class PoolMonitor:
 
     def __init__(self, leak_threshold: float | None = None) -> None:
         self.leak_threshold = leak_threshold or None
+        self.metrics: PoolMetrics | None = None
         self.connections_opened = 0
         self.checkouts = 0
         self.invalidations = 0
@@ -103,11 +121,15 @@ class PoolMonitor:
 
     def _on_connect(self, dbapi_connection: t.Any, record: ConnectionPoolEntry) -> None:
         self.connections_opened += 1
+        if self.metrics is not None:
+            self.metrics.opened.inc()
 
     def _on_invalidate(
         self, dbapi_connection: t.Any, record: ConnectionPoolEntry, exception: BaseException | None
     ) -> None:
         self.invalidations += 1
+        if self.metrics is not None:
+            self.metrics.invalidations.inc()
 
     def _on_checkout(
         self, dbapi_connection: t.Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection

@@ -185,6 +185,11 @@ class NeonSettings(BaseSettings):
         description="Log statements slower than this many milliseconds, with the endpoint, "
         "never the parameters (0: off).",
     )
+    metrics: bool = Field(
+        default=False,
+        description="Export pool metrics to Prometheus (needs flask-neon[metrics]); works "
+        "across gunicorn workers in prometheus_client's multiprocess mode.",
+    )
     error_handler: bool = Field(
         default=True,
         description="Answer 503 JSON with Retry-After, not a 500 traceback, when a view fails "
