@@ -304,3 +304,30 @@ def test_dead_sockets_are_counted_out(make_app: AppFactory, fresh_database: str)
         query(db, app, "SELECT 1")
     assert len(backend_pids(fresh_database)) <= 2
     assert admin_execute(fresh_database, "SELECT 1") == [(1,)]
+
+
+def test_too_many_connections_is_classified() -> None:
+    """A low max_connections cluster: the server's own refusal, classified and 503-able."""
+    with LocalPostgres(
+        settings={"max_connections": "5", "superuser_reserved_connections": "3"}
+    ) as pg:
+        pg.execute("CREATE ROLE alex LOGIN")
+        app = Flask(__name__)
+        app.config.update(
+            DB_URL=f"postgresql://alex@127.0.0.1:{pg.port}/postgres",
+            DB_CONNECT_RETRY_SECONDS=0,
+            DB_POOL_SIZE=4,
+        )
+        db = NeonDB(app, env_file=None)
+        engine = db.get_engine(app)
+        held = []
+        with pytest.raises(sa_exc.OperationalError) as info:
+            for _ in range(4):
+                held.append(engine.connect())
+        for connection in held:
+            connection.close()
+        engine.dispose()
+    from flask_neon import classify
+
+    assert held  # at least one slot was free before the limit
+    assert classify(info.value).name == "too_many_connections"
