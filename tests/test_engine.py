@@ -321,9 +321,13 @@ def test_too_many_connections_is_classified() -> None:
         db = NeonDB(app, env_file=None)
         engine = db.get_engine(app)
         held = []
-        with pytest.raises(sa_exc.OperationalError) as info:
+
+        def connect_all() -> None:
             for _ in range(4):
                 held.append(engine.connect())
+
+        with pytest.raises(sa_exc.OperationalError) as info:
+            connect_all()
         for connection in held:
             connection.close()
         engine.dispose()
