@@ -27,6 +27,7 @@ import sqlalchemy.exc as sa_exc
 from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
+from .driver import NeonConnection
 from .errors import classify
 from .monitoring import MeasuredQueuePool
 from .profiles import PoolConfig
@@ -77,6 +78,8 @@ def make_engine(
     mode = limits_mode(settings, pooled)
     limits = limit_parameters(settings)
     connect_args = _connect_args(url, settings, application_name)
+    if settings.fast_begin and "connection_factory" not in connect_args:
+        connect_args["connection_factory"] = NeonConnection
     if mode == "startup" and limits:
         flags = " ".join(f"-c {name}={value}" for name, value in limits.items())
         user_options = url.query_dict.get("options", "")
@@ -99,7 +102,7 @@ def make_engine(
         connect_args=connect_args,
     )
     if mode == "transaction" and limits:
-        _install_per_transaction_limits(engine, limits)
+        _install_per_transaction_limits(engine, limits, fast_begin=settings.fast_begin)
     _install_liveness_check(engine, settings.ping_after_idle)
     _install_connect_retry(engine, settings, url.secrets())
     _register(engine)
@@ -123,14 +126,25 @@ def _connect_args(
     return {key: value for key, value in defaults.items() if key not in query}
 
 
-def _install_per_transaction_limits(engine: sa.Engine, limits: dict[str, str]) -> None:
+def _install_per_transaction_limits(
+    engine: sa.Engine, limits: dict[str, str], *, fast_begin: bool
+) -> None:
     # A pooler drops session state after each transaction, so the limits are set per
     # transaction. SET LOCAL ends with the transaction and never leaks to another client.
-    statement = "; ".join(f"SET LOCAL {name} = {int(value)}" for name, value in limits.items())
+    statements = "".join(f"SET LOCAL {name} = {int(value)}; " for name, value in limits.items())
+
+    if fast_begin:
+        # NeonConnection sends them with BEGIN and the first statement: no extra round trip.
+        @event.listens_for(engine, "connect")
+        def _remember_limits(dbapi_connection: t.Any, record: ConnectionPoolEntry) -> None:
+            if isinstance(dbapi_connection, NeonConnection):
+                dbapi_connection.begin_statements = statements
+
+        return
 
     @event.listens_for(engine, "begin")
     def _set_local_limits(connection: sa.Connection) -> None:
-        connection.exec_driver_sql(statement)
+        connection.exec_driver_sql(statements)
 
 
 def _install_liveness_check(engine: sa.Engine, ping_after_idle: float) -> None:

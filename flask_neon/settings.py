@@ -195,6 +195,11 @@ class NeonSettings(BaseSettings):
         description="Answer 503 JSON with Retry-After, not a 500 traceback, when a view fails "
         "because the database is unavailable or the pool is exhausted.",
     )
+    fast_begin: bool = Field(
+        default=True,
+        description="Send BEGIN in the same round trip as a transaction's first statement "
+        "(psycopg2 waits for it separately): one round trip less per transaction.",
+    )
     ping_after_idle: float = Field(
         default=60.0,
         ge=0,
