@@ -63,6 +63,8 @@ class FaultProxy:
         self.connect_delay = 0.0
         self.mode: Mode = "forward"
         self.accepted = 0
+        #: The text of every simple-protocol query the clients sent, in order.
+        self.queries: list[str] = []
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
@@ -129,6 +131,7 @@ class FaultProxy:
 
     def _pump(self, client: socket.socket, server: socket.socket) -> None:
         sockets = [client, server]
+        parser = _ClientStream(self.queries)
         try:
             while not self._closed.is_set():
                 readable, _, _ = select.select(sockets, [], [], 0.5)
@@ -136,6 +139,8 @@ class FaultProxy:
                     data = sock.recv(65536)
                     if not data:
                         return
+                    if sock is client:
+                        parser.feed(data)
                     (server if sock is client else client).sendall(data)
         except (OSError, ValueError):
             return
@@ -146,3 +151,35 @@ class FaultProxy:
             with self._lock:
                 if (client, server) in self._pairs:
                     self._pairs.remove((client, server))
+
+
+class _ClientStream:
+    """Follows the client's half of the protocol and records each Query ('Q') message."""
+
+    def __init__(self, queries: list[str]) -> None:
+        self.queries = queries
+        self.buffer = b""
+        self.started = False
+
+    def feed(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            if not self.started:
+                if len(self.buffer) < 8:
+                    return
+                length, code = struct.unpack("!II", self.buffer[:8])
+                if len(self.buffer) < length:
+                    return
+                self.buffer = self.buffer[length:]
+                # SSLRequest and GSSENCRequest come before the real startup packet.
+                self.started = code not in _ENCRYPTION_REQUESTS
+                continue
+            if len(self.buffer) < 5:
+                return
+            kind = self.buffer[:1]
+            (length,) = struct.unpack("!I", self.buffer[1:5])
+            if len(self.buffer) < 1 + length:
+                return
+            payload, self.buffer = self.buffer[5 : 1 + length], self.buffer[1 + length :]
+            if kind == b"Q":
+                self.queries.append(payload.rstrip(b"\x00").decode("utf-8", "replace"))
