@@ -212,9 +212,10 @@ def _run_check(
     """Probe until the database answers, ``wait`` has passed or a cause is final."""
     # A Neon pooled URL gets a direct-host engine for administration: check that one, since
     # the pooler can answer while the compute behind it cannot (and vice versa).
-    engine = getattr(state, "admin_engine", state.engine)
-    checked_url = state.url if engine is state.engine else _admin_url(state)
-    secrets = _secrets(state)
+    # The direct host when DB_URL is pooled: a check through the pooler says little.
+    engine = state.admin_engine
+    checked_url = state.admin.url
+    secrets = state.secrets()
     # A checker of our own, without cache. Its single flight matters for --wait: after an
     # attempt times out, the next one waits for the probe still running instead of starting
     # another thread beside it.
@@ -268,7 +269,7 @@ def _report(
             "idle_in_transaction_session_timeout": result.idle_in_transaction_session_timeout,
             "configured": {name: value for name, value in limits.items() if name != "mode"},
         },
-        "cause": _cause(result.cause, _secrets(state), timeout),
+        "cause": _cause(result.cause, state.secrets(), timeout),
         "attempts": attempts,
     }
 
@@ -362,6 +363,8 @@ def _derived(state: NeonState, name: str, value: t.Any, source: str) -> tuple[t.
         return state.health_details, "profile"
     if name == "leak_threshold":
         return state.monitor.leak_threshold or 0.0, "profile"
+    if name == "require_tls":
+        return state.require_tls, "profile"
     if name == "pooled":
         # Unset: decided by the DB_URL host (a Neon -pooler host is pooled).
         return state.pooled, "derived"
@@ -392,20 +395,6 @@ def _state() -> NeonState:
         return current_state()
     except NeonStateError as exc:
         raise click.ClickException(str(exc)) from None
-
-
-def _secrets(state: NeonState) -> list[str]:
-    """The secrets of every URL the app uses (``state.secrets()`` where the state has it)."""
-    every: t.Any = getattr(state, "secrets", None)
-    if callable(every):
-        return list(every())
-    return state.url.secrets()
-
-
-def _admin_url(state: NeonState) -> DatabaseURL:
-    """The URL of the admin (direct-host) engine."""
-    url = getattr(getattr(state, "admin", None), "url", None)
-    return url if isinstance(url, DatabaseURL) else state.url.direct()
 
 
 def _want_json(as_json: bool) -> bool:

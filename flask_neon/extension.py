@@ -71,6 +71,8 @@ class NeonState:
     sessionmaker: orm.sessionmaker[orm.Session]
     read_sessionmaker: orm.sessionmaker[orm.Session]
     health_details: bool
+    #: Whether plaintext-capable remote URLs are refused (DB_REQUIRE_TLS or the profile).
+    require_tls: bool
 
     @property
     def settings(self) -> NeonSettings:
@@ -239,6 +241,7 @@ class NeonDB:
             health_details=(
                 development if settings.health_details is None else settings.health_details
             ),
+            require_tls=require_tls,
         )
         if settings.connect_on_start:
             if _loading_for_cli_command():
