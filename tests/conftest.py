@@ -8,6 +8,8 @@ with :mod:`flask_neon.localdb`.
 from __future__ import annotations
 
 import logging
+import socket
+import time
 import typing as t
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,6 +21,8 @@ from flask import Flask
 from flask_neon import NeonDB
 from flask_neon.localdb import LocalPostgres
 from flask_neon.url import parse_url
+
+from .proxy import FaultProxy
 
 TEST_URL_ENV = "FLASK_NEON_TEST_URL"
 
@@ -145,3 +149,30 @@ def terminate_backends(url: str) -> int:
     for pid in pids:
         admin_execute(url, "SELECT pg_terminate_backend(%s, 5000)", (pid,))
     return len(pids)
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 that nobody listens on (free a moment ago)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until(
+    condition: Callable[[], bool], timeout: float = 10.0, message: str = "condition"
+) -> None:
+    """Poll ``condition`` until it holds; fail after ``timeout`` (a bound, not a guess)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{message} not reached within {timeout:g} s")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def proxy(database_url: str) -> Iterator[FaultProxy]:
+    """A fault-injecting TCP proxy in front of the test server."""
+    url = parse_url(database_url)
+    fault_proxy = FaultProxy((url.host or "127.0.0.1", url.port or 5432))
+    yield fault_proxy
+    fault_proxy.close()

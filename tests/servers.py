@@ -25,12 +25,14 @@ import tempfile
 import time
 import typing as t
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import psycopg2  # type: ignore[import-untyped]
 import pytest
 
 from flask_neon.localdb import LocalPostgres, find_pg_bin
+
+from .conftest import closed_port, wait_until
 
 if t.TYPE_CHECKING:
     import types
@@ -38,25 +40,6 @@ if t.TYPE_CHECKING:
 PGBOUNCER = pathlib.Path("/usr/sbin/pgbouncer")
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
-
-
-def wait_until(
-    condition: Callable[[], bool], timeout: float = 10.0, message: str = "condition"
-) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` (a bound, not a guess)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{message} not reached within {timeout:g} s")
-        time.sleep(0.02)
-
-
-def free_port() -> int:
-    """A TCP port of 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def server_account() -> tuple[int, int] | None:
@@ -149,7 +132,7 @@ class PgBouncer:
             raise FileNotFoundError(f"{PGBOUNCER} is not installed (apt-get install pgbouncer)")
         self.directory = private_dir("fnpgb-")
         for _ in range(3):
-            self.port = free_port()
+            self.port = closed_port()
             self._write_config()
             self._launch()
             if self._wait_ready():

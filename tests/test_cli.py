@@ -5,9 +5,7 @@ output ever shows the password."""
 from __future__ import annotations
 
 import json
-import socket
 import time
-from collections.abc import Iterator
 from urllib.parse import quote, quote_plus
 
 import pytest
@@ -17,7 +15,7 @@ from flask import Flask
 from flask_neon import NeonSettings
 from flask_neon.url import parse_url
 
-from .conftest import AppFactory
+from .conftest import AppFactory, closed_port
 from .proxy import FaultProxy
 
 PASSWORD = "Zq9!p@ss:w/rd%"
@@ -38,24 +36,10 @@ def fields(output: str) -> dict[str, str]:
     return {label.strip(): value.strip() for label, value in pairs}
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def closed_url(database_url: str) -> str:
     """``database_url`` moved to a port where nothing listens."""
     url = parse_url(database_url).to_sqlalchemy().set(host="127.0.0.1", port=closed_port())
     return url.render_as_string(hide_password=False)
-
-
-@pytest.fixture
-def proxy(database_url: str) -> Iterator[FaultProxy]:
-    url = parse_url(database_url)
-    fault_proxy = FaultProxy((url.host or "127.0.0.1", url.port or 5432))
-    yield fault_proxy
-    fault_proxy.close()
 
 
 # -- the check ----------------------------------------------------------------------------------

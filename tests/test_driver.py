@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import io
 import typing as t
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -15,18 +14,9 @@ from flask import Flask
 
 from flask_neon import NeonDB
 from flask_neon.driver import NeonConnection
-from flask_neon.url import parse_url
 
 from .conftest import AppFactory, admin_execute
 from .proxy import FaultProxy
-
-
-@pytest.fixture
-def proxy(database_url: str) -> Iterator[FaultProxy]:
-    url = parse_url(database_url)
-    fault_proxy = FaultProxy((url.host or "127.0.0.1", url.port or 5432))
-    yield fault_proxy
-    fault_proxy.close()
 
 
 def one_request(db: NeonDB, app: Flask) -> None:

@@ -3,7 +3,6 @@ startup check's classified errors."""
 
 from __future__ import annotations
 
-import socket
 import time
 import typing as t
 from collections.abc import Iterator
@@ -15,21 +14,18 @@ from flask import Flask
 
 from flask_neon import DatabaseUnavailableError, NeonDB
 from flask_neon.localdb import LocalPostgres
-from flask_neon.url import parse_url
 
-from .conftest import AppFactory, admin_execute, backend_pids, terminate_backends
+from .conftest import (
+    AppFactory,
+    admin_execute,
+    backend_pids,
+    closed_port,
+    terminate_backends,
+    wait_until,
+)
 from .proxy import FaultProxy
 
 PASSWORD = "Pw-7zQ!x@y:z/%#"
-
-
-def wait_until(condition: t.Callable[[], bool], timeout: float = 10.0) -> None:
-    """Poll ``condition`` until it holds; fail after ``timeout`` (a bound, not a guess)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.02)
 
 
 def query(db: NeonDB, app: Flask, sql: str) -> t.Any:
@@ -174,14 +170,6 @@ def test_server_restart_causes_no_failed_request(tmp_path_factory: pytest.TempPa
 # -- connect retries and the startup check ----------------------------------------------------
 
 
-@pytest.fixture
-def proxy(database_url: str) -> Iterator[FaultProxy]:
-    url = parse_url(database_url)
-    fault_proxy = FaultProxy((url.host or "127.0.0.1", url.port or 5432))
-    yield fault_proxy
-    fault_proxy.close()
-
-
 def test_waking_compute_is_retried_until_it_answers(
     make_app: AppFactory, database_url: str, proxy: FaultProxy
 ) -> None:
@@ -211,12 +199,6 @@ def test_retries_can_be_turned_off(
     with pytest.raises(sa_exc.OperationalError):
         query(db, app, "SELECT 1")
     assert proxy.accepted == 1
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ from .servers import (  # noqa: F401 - the *_fixture functions are fixtures, use
     PgBouncer,
     Replica,
     TLSCluster,
-    free_port,
+    closed_port,
     pgbouncer_fixture,
     replica_fixture,
     tls_cluster_fixture,
@@ -569,7 +569,7 @@ def test_gunicorn_preload_workers_share_no_connection(
     finally:
         engine.dispose()
 
-    port = free_port()
+    port = closed_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DB_", "FLASK_"))}
     env |= {
         "DB_URL": fresh_database,

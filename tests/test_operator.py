@@ -6,7 +6,6 @@ import logging
 import threading
 import time
 import typing as t
-from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -15,19 +14,10 @@ from flask import Flask
 from flask_neon import NeonDB
 from flask_neon.url import parse_url
 
-from .conftest import AppFactory, backend_pids, terminate_backends
+from .conftest import AppFactory, backend_pids, closed_port, terminate_backends, wait_until
 from .proxy import FaultProxy
-from .test_engine import closed_port, wait_until
 
 SECRET = "Hx7-unique-Secret"
-
-
-@pytest.fixture
-def proxy(database_url: str) -> Iterator[FaultProxy]:
-    url = parse_url(database_url)
-    fault_proxy = FaultProxy((url.host or "127.0.0.1", url.port or 5432))
-    yield fault_proxy
-    fault_proxy.close()
 
 
 def hold_connections(db: NeonDB, app: Flask, count: int) -> list[sa.Connection]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import socket
 import textwrap
 
 import psycopg2  # type: ignore[import-untyped]
@@ -19,7 +18,7 @@ import pytest
 
 import flask_neon.testing
 
-from .conftest import admin_execute
+from .conftest import admin_execute, closed_port
 
 # The pytester fixture comes from pytest's own "pytester" plugin, which is off by default.
 pytest_plugins = ["pytester"]
@@ -123,14 +122,6 @@ def tables(url: str) -> set[str]:
         url, "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
     )
     return {row[0] for row in rows}
-
-
-def closed_port() -> int:
-    """A port nothing listens on (free a moment ago)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 # -- isolation -----------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from flask.cli import FlaskGroup
 from flask_neon import DatabaseUnavailableError, NeonConfigError, NeonDB
 from flask_neon.localdb import LocalPostgres
 
-from .test_engine import closed_port
+from .conftest import closed_port
 
 PASSWORD = "Zq9!s3cr@t:w/rd%#Ü"
 SPELLINGS = {PASSWORD, quote(PASSWORD, safe=""), quote_plus(PASSWORD), quote(PASSWORD)}
