@@ -191,6 +191,19 @@ def test_retries_stop_at_their_budget(
     assert proxy.accepted >= 2
 
 
+def test_slow_waking_compute_answers_within_the_connect_bound(
+    make_app: AppFactory, database_url: str, proxy: FaultProxy
+) -> None:
+    """A compute that accepts but answers only after a delay: the first request waits for it
+    (within DB_CONNECT_TIMEOUT) and succeeds."""
+    proxy.connect_delay = 1.0
+    app, db = make_app(proxy.url(database_url), DB_CONNECT_TIMEOUT=5)
+    started = time.monotonic()
+    assert query(db, app, "SELECT 1") == 1
+    elapsed = time.monotonic() - started
+    assert 1.0 <= elapsed < 5
+
+
 def test_retries_can_be_turned_off(
     make_app: AppFactory, database_url: str, proxy: FaultProxy
 ) -> None:
