@@ -7,7 +7,7 @@ Run it with no setup at all (a local PostgreSQL is started for you, see :mod:`.d
 
 or against your own database, e.g. a Neon branch::
 
-    export DB_URL='postgresql://user:password@ep-xyz-pooler.eu-central-1.aws.neon.tech/neondb?sslmode=require'
+    export DB_URL='postgresql://alex:PW@ep-xyz-pooler.eu-central-1.aws.neon.tech/neondb?sslmode=require'
     flask --app example_app db upgrade
     flask --app example_app run
 """

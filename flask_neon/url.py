@@ -216,7 +216,7 @@ def parse_url(raw: str, setting: str = "DB_URL") -> DatabaseURL:
     return _check_query(url)
 
 
-_EXAMPLE = "postgresql://user:password@ep-example-123456.us-east-2.aws.neon.tech/neondb"
+_EXAMPLE = "postgresql://user:PW@ep-example-123456.us-east-2.aws.neon.tech/neondb"
 
 
 def _split_authority(rest: str, setting: str, raw: str) -> tuple[str | None, str, str | None, str]:
