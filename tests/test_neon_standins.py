@@ -405,7 +405,7 @@ def test_production_tls_policy(apps: AppFactory) -> None:
     assert db.state(app).pool.profile == "production"
     assert db.state(app).url.sslmode == "prefer"
 
-    app, db = apps("postgresql://app:secret@ep-x-123.us-east-2.aws.neon.tech/neondb")
+    app, db = apps("postgresql://app:pw@ep-x-123.us-east-2.aws.neon.tech/neondb")
     assert db.state(app).url.sslmode == "require"
 
 

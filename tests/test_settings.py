@@ -14,6 +14,7 @@ from flask_neon.settings import NeonSettings, load_settings
 
 SECRET = "Sup3r-Secret-pw"
 GOOD_URL = f"postgresql://alex:{SECRET}@127.0.0.1:5432/test"
+NEON_POOLER_HOST = "ep-a-1-pooler.us-east-2.aws.neon.tech"
 
 
 @pytest.fixture(autouse=True)
@@ -166,7 +167,7 @@ BAD_INPUTS: list[tuple[dict[str, t.Any], str]] = [
         "sslmode unset (libpq then uses prefer)",
     ),
     (
-        {"DB_DIRECT_URL": f"postgresql://u:{SECRET}@ep-a-1-pooler.us-east-2.aws.neon.tech/db"},
+        {"DB_DIRECT_URL": f"postgresql://u:{SECRET}@{NEON_POOLER_HOST}/db"},
         "DB_DIRECT_URL points at a pooler host",
     ),
     ({"DB_READ_URL": GOOD_URL}, "DB_READ_URL is the primary"),
