@@ -11,7 +11,6 @@ import dataclasses
 import ipaddress
 import os
 import re
-import typing as t
 from urllib.parse import parse_qsl, quote, unquote
 
 import sqlalchemy as sa
@@ -304,17 +303,6 @@ def apply_tls_policy(url: DatabaseURL, *, require_tls: bool) -> DatabaseURL:
             "network."
         )
     return url
-
-
-def coerce_url(value: str | DatabaseURL | t.Any, setting: str = "DB_URL") -> DatabaseURL:
-    """Accept a string, a SQLAlchemy URL or a :class:`DatabaseURL` and return the latter."""
-    if isinstance(value, DatabaseURL):
-        return value
-    if isinstance(value, sa.URL):
-        value = value.render_as_string(hide_password=False)
-    if not isinstance(value, str):
-        raise NeonConfigError(f"{setting} must be a string URL, got {type(value).__name__}.")
-    return parse_url(value, setting)
 
 
 @dataclasses.dataclass(frozen=True)
