@@ -5,7 +5,7 @@ the database answers (container entrypoints, CI); ``flask db-check pool`` and ``
 config`` show pool statistics and the effective settings without touching the database.
 
 No output ever carries the database password: the URL is shown masked and driver messages go
-through :func:`~flask_neon.errors.mask_secrets`.
+through :func:`~flask_neon.errors.classify`, which masks the secrets of every URL.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ from click.core import ParameterSource
 from flask.cli import AppGroup, NoAppException, with_appcontext
 from pydantic import SecretStr
 
-from .errors import ErrorCause, NeonConfigError, NeonError, NeonStateError, mask_secrets
-from .health import HealthChecker, ProbeResult
+from .errors import ErrorCause, NeonConfigError, NeonError, NeonStateError
+from .health import ProbeResult
 from .settings import NeonSettings, key_for
 from .url import MASK, DatabaseURL, parse_url
 
@@ -210,16 +210,12 @@ def _run_check(
     state: NeonState, *, timeout: float, wait: float, as_json: bool
 ) -> dict[str, t.Any]:
     """Probe until the database answers, ``wait`` has passed or a cause is final."""
-    # A Neon pooled URL gets a direct-host engine for administration: check that one, since
-    # the pooler can answer while the compute behind it cannot (and vice versa).
-    # The direct host when DB_URL is pooled: a check through the pooler says little.
-    engine = state.admin_engine
-    checked_url = state.admin.url
-    secrets = state.secrets()
-    # A checker of our own, without cache. Its single flight matters for --wait: after an
+    # The direct host when DB_URL is pooled: the pooler can answer while the compute behind
+    # it cannot (and vice versa). Its checker's single flight matters for --wait: after an
     # attempt times out, the next one waits for the probe still running instead of starting
     # another thread beside it.
-    checker = HealthChecker(engine, secrets, timeout, cache_seconds=0)
+    checker = state.admin.health
+    checked_url = state.admin.url
     deadline = time.monotonic() + wait
     attempts = 0
     while True:
@@ -269,12 +265,12 @@ def _report(
             "idle_in_transaction_session_timeout": result.idle_in_transaction_session_timeout,
             "configured": {name: value for name, value in limits.items() if name != "mode"},
         },
-        "cause": _cause(result.cause, state.secrets(), timeout),
+        "cause": _cause(result.cause, timeout),
         "attempts": attempts,
     }
 
 
-def _cause(cause: ErrorCause | None, secrets: list[str], timeout: float) -> dict[str, str] | None:
+def _cause(cause: ErrorCause | None, timeout: float) -> dict[str, str] | None:
     if cause is None:
         return None
     if cause.name == "health_timeout":
@@ -284,11 +280,8 @@ def _cause(cause: ErrorCause | None, secrets: list[str], timeout: float) -> dict
             title=f"The database did not answer within {timeout:g} s (--timeout)",
             hint=f"{cause.hint} A waking Neon compute may need 10-15 s: raise --timeout.",
         )
-    # The detail is the driver's text, which may quote the connection string.
-    return {
-        name: mask_secrets(getattr(cause, name), secrets)
-        for name in ("name", "title", "hint", "detail")
-    }
+    # The detail was masked by classify() with every secret of the app's URLs.
+    return {name: getattr(cause, name) for name in ("name", "title", "hint", "detail")}
 
 
 def _check_lines(report: dict[str, t.Any]) -> list[str]:

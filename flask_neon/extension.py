@@ -194,6 +194,13 @@ class NeonDB:
         if leak_threshold is None:
             leak_threshold = DEVELOPMENT_LEAK_THRESHOLD if development else 0
         name = f"flask-neon:{app.name}"
+        # Every checker masks every URL's secrets: a driver message may quote any of them.
+        secrets = [
+            secret
+            for url in (urls.primary, urls.direct, urls.read)
+            if url
+            for secret in url.secrets()
+        ]
 
         def build(url: DatabaseURL, pooled: bool, config: PoolConfig) -> Engine:
             engine = make_engine(url, settings, config, pooled=pooled, application_name=name)
@@ -206,7 +213,7 @@ class NeonDB:
 
                 install_metrics(engine, monitor, app.name)
             checker = health.HealthChecker(
-                engine, url.secrets(), settings.health_timeout, settings.health_cache_seconds
+                engine, secrets, settings.health_timeout, settings.health_cache_seconds
             )
             return Engine(url, pooled, engine, monitor, checker)
 
