@@ -39,6 +39,7 @@ log = logging.getLogger("flask_neon")
 #: Causes worth another connect attempt: the server may answer a moment later.
 RETRYABLE_CONNECT_CAUSES = frozenset({"connection_refused", "compute_waking", "connection_lost"})
 _LAST_CHECKIN = "flask_neon.last_checkin"
+_POLLER = "flask_neon.poller"
 _BACKOFF_BASE = 0.1
 _BACKOFF_CAP = 2.0
 # libpq rounds connect_timeout down to whole seconds and treats anything below 2 as 2.
@@ -172,7 +173,7 @@ def _install_liveness_check(engine: sa.Engine, ping_after_idle: float) -> None:
             return  # Opened just now for this checkout.
         if dbapi_connection.closed:
             raise sa_exc.DisconnectionError("connection was closed while idle in the pool")
-        if not _has_input(dbapi_connection) and (
+        if not _has_input(dbapi_connection, record) and (
             time.monotonic() - last_checkin < ping_after_idle
         ):
             return
@@ -184,15 +185,20 @@ def _install_liveness_check(engine: sa.Engine, ping_after_idle: float) -> None:
             ) from exc
 
 
-def _has_input(dbapi_connection: t.Any) -> bool:
+def _has_input(dbapi_connection: t.Any, record: ConnectionPoolEntry) -> bool:
     """True when the server sent something to an idle connection, or closed it."""
-    fd = dbapi_connection.fileno()
-    if hasattr(select, "poll"):
+    if not hasattr(select, "poll"):  # pragma: no cover - Windows
+        fd = dbapi_connection.fileno()
+        readable, _, errored = select.select([fd], [], [fd], 0)
+        return bool(readable or errored)
+    # One poller per connection, registered once: the pool clears record.info when the
+    # connection is replaced, so a new socket gets a new poller.
+    poller = record.info.get(_POLLER)
+    if poller is None:
         poller = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
-        return bool(poller.poll(0))
-    readable, _, errored = select.select([fd], [], [fd], 0)
-    return bool(readable or errored)
+        poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        record.info[_POLLER] = poller
+    return bool(poller.poll(0))
 
 
 def _install_connect_retry(engine: sa.Engine, settings: NeonSettings, secrets: list[str]) -> None:

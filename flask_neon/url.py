@@ -327,11 +327,9 @@ def resolve_urls(
     """Parse ``DB_URL``, ``DB_DIRECT_URL`` and ``DB_READ_URL`` and check how they relate."""
     primary = apply_tls_policy(parse_url(raw, "DB_URL"), require_tls=require_tls)
     is_pooled = primary.is_neon_pooled if pooled is None else pooled
+    direct: DatabaseURL | None
     if direct_raw:
-        direct: DatabaseURL | None = apply_tls_policy(
-            parse_url(direct_raw, "DB_DIRECT_URL"), require_tls=require_tls
-        )
-        assert direct is not None
+        direct = apply_tls_policy(parse_url(direct_raw, "DB_DIRECT_URL"), require_tls=require_tls)
         if direct.is_neon_pooled:
             raise NeonConfigError(
                 f"DB_DIRECT_URL points at a pooler host ({direct.masked()}); it must be the "
