@@ -37,6 +37,7 @@ __all__ = [
     "LocalPostgresError",
     "ensure_database_url",
     "find_pg_bin",
+    "server_account",
 ]
 
 _SERVER_PROGRAMS = ("initdb", "pg_ctl", "postgres")
@@ -169,7 +170,7 @@ def _free_port(host: str) -> int:
         return port
 
 
-def _server_account() -> tuple[int, int] | None:
+def server_account() -> tuple[int, int] | None:
     """Return the (uid, gid) to run the server as, or None to run as the current user."""
     geteuid = getattr(os, "geteuid", None)
     if geteuid is None or geteuid() != 0:
@@ -338,7 +339,7 @@ class LocalPostgres:
         if self._temp_root is not None and not self._temp_root.exists():
             self._make_temp_root()
         self._bin = find_pg_bin()
-        self._account = _server_account()
+        self._account = server_account()
         self._prepare_dirs()
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import pathlib
-import pwd
 import shutil
 import signal
 import socket
@@ -30,7 +29,7 @@ from collections.abc import Iterator
 import psycopg2  # type: ignore[import-untyped]
 import pytest
 
-from flask_neon.localdb import LocalPostgres, find_pg_bin
+from flask_neon.localdb import LocalPostgres, find_pg_bin, server_account
 
 from .conftest import closed_port, wait_until
 
@@ -40,17 +39,6 @@ if t.TYPE_CHECKING:
 PGBOUNCER = pathlib.Path("/usr/sbin/pgbouncer")
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
-
-
-def server_account() -> tuple[int, int] | None:
-    """The (uid, gid) of the ``postgres`` OS user when running as root, else None.
-
-    PostgreSQL and PgBouncer both refuse to run as root.
-    """
-    if os.geteuid() != 0:
-        return None
-    entry = pwd.getpwnam("postgres")
-    return entry.pw_uid, entry.pw_gid
 
 
 def private_dir(prefix: str) -> pathlib.Path:
@@ -88,7 +76,28 @@ def _accepts(**connect: t.Any) -> bool:
 # -- PgBouncer ------------------------------------------------------------------------------------
 
 
-class PgBouncer:
+class _Server:
+    """``with Server() as server:`` starts it and always stops it."""
+
+    def start(self) -> t.Self:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> t.Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: types.TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class PgBouncer(_Server):
     """Debian's PgBouncer in transaction mode in front of a :class:`LocalPostgres`.
 
     Like Neon's pooler: every database of the server is reachable (``* =``), a server
@@ -104,17 +113,6 @@ class PgBouncer:
         self.port = 0
         self.directory: pathlib.Path | None = None
         self._process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> t.Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @property
     def log_file(self) -> pathlib.Path:
@@ -249,7 +247,7 @@ class PgBouncer:
 # -- a TLS-only cluster ---------------------------------------------------------------------------
 
 
-class TLSCluster:
+class TLSCluster(_Server):
     """A :class:`LocalPostgres` that refuses plaintext and serves a certificate for ``localhost``.
 
     The certificate names ``DNS:localhost`` only, so ``verify-full`` succeeds with host
@@ -269,17 +267,6 @@ class TLSCluster:
         self.cert = self.directory / "server.crt"
         self.key = self.directory / "server.key"
         self.server: LocalPostgres | None = None
-
-    def __enter__(self) -> t.Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def url(self, host: str = "localhost", database: str = "postgres", **query: str) -> str:
         """URL of ``database`` on this cluster through ``host``, with ``query`` parameters."""
@@ -372,7 +359,7 @@ def _addresses(host: str) -> set[str]:
 # -- a primary and its hot standby ----------------------------------------------------------------
 
 
-class Replica:
+class Replica(_Server):
     """A primary :class:`LocalPostgres` and a hot standby streaming from it.
 
     The standby is a ``pg_basebackup -R`` copy of the primary, started as a second
@@ -390,17 +377,6 @@ class Replica:
         )
         self.root = private_dir("fnpg-standby-")
         self.standby = LocalPostgres(self.root / "data", settings={"hot_standby": "on"})
-
-    def __enter__(self) -> t.Self:
-        return self.start()
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: types.TracebackType | None,
-    ) -> None:
-        self.stop()
 
     def start(self) -> t.Self:
         try:
