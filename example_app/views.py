@@ -32,8 +32,8 @@ WRITABLE_FIELDS: dict[str, type] = {"title": str, "body": str, "done": bool}
 @bp.get("")
 def list_notes() -> ResponseReturnValue:
     """``GET /notes?limit=20&offset=0``: one page of notes, oldest first."""
-    limit = _int_arg("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
-    offset = _int_arg("offset", 0, 0, MAX_OFFSET)
+    limit = int_arg("limit", DEFAULT_LIMIT, 1, MAX_LIMIT)
+    offset = int_arg("offset", 0, 0, MAX_OFFSET)
     # Ordered by the primary key, so that pages neither overlap nor skip rows.
     page = db.session.scalars(sa.select(Note).order_by(Note.id).limit(limit).offset(offset))
     total = db.session.scalar(sa.select(sa.func.count()).select_from(Note))
@@ -48,7 +48,7 @@ def list_notes() -> ResponseReturnValue:
 @bp.post("")
 def create_note() -> ResponseReturnValue:
     """``POST /notes`` with ``{"title": ..., "body": ..., "done": ...}``; title is required."""
-    note = Note(**_note_fields(_json_object(), partial=False))
+    note = Note(**note_fields(json_object(), partial=False))
     db.session.add(note)
     db.session.commit()
     # Reading the note after the commit reloads it, with the id and timestamps the server set.
@@ -64,7 +64,7 @@ def get_note(note_id: int) -> ResponseReturnValue:
 @bp.patch("/<int:note_id>")
 def update_note(note_id: int) -> ResponseReturnValue:
     """``PATCH /notes/<id>``: change only the fields sent."""
-    fields = _note_fields(_json_object(), partial=True)
+    fields = note_fields(json_object(), partial=True)
     note = _note_or_404(note_id)
     for name, value in fields.items():
         setattr(note, name, value)
@@ -80,7 +80,7 @@ def delete_note(note_id: int) -> ResponseReturnValue:
     return "", 204
 
 
-# -- helpers -------------------------------------------------------------------------------------
+# -- helpers (also used by benchmarks/fsqla_app.py, the same API on Flask-SQLAlchemy) ----------
 
 
 def _note_or_404(note_id: int) -> Note:
@@ -90,7 +90,7 @@ def _note_or_404(note_id: int) -> Note:
     return note
 
 
-def _int_arg(name: str, default: int, minimum: int, maximum: int) -> int:
+def int_arg(name: str, default: int, minimum: int, maximum: int) -> int:
     """The query parameter ``name`` as an integer in ``[minimum, maximum]``."""
     raw = request.args.get(name)
     if raw is None:
@@ -103,7 +103,7 @@ def _int_arg(name: str, default: int, minimum: int, maximum: int) -> int:
     return value
 
 
-def _json_object() -> dict[str, t.Any]:
+def json_object() -> dict[str, t.Any]:
     """The request body, which must be a JSON object."""
     if not request.is_json:
         raise ValidationError("the request body must be JSON (Content-Type: application/json)")
@@ -116,7 +116,7 @@ def _json_object() -> dict[str, t.Any]:
     return payload
 
 
-def _note_fields(payload: dict[str, t.Any], *, partial: bool) -> dict[str, t.Any]:
+def note_fields(payload: dict[str, t.Any], *, partial: bool) -> dict[str, t.Any]:
     """Check a client's note fields and return them ready for the model.
 
     Args:
