@@ -9,6 +9,9 @@ The events installed here are the reason flask-neon survives Neon's failure mode
 * connect retries with backoff and jitter, bounded by ``DB_CONNECT_TIMEOUT``, for computes
   that are waking up;
 * fork safety: a forked child never touches its parent's sockets.
+
+Connections are :class:`~flask_neon.driver.NeonConnection` (``DB_FAST_BEGIN``), which sends
+``BEGIN`` and, through a pooler, the ``SET LOCAL`` limits with a transaction's first statement.
 """
 
 from __future__ import annotations
