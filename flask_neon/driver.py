@@ -1,219 +1,372 @@
-"""A psycopg2 connection that opens a transaction without a round trip of its own.
+"""Fast BEGIN: a transaction's ``BEGIN`` travels with its first statement, nothing else changes.
 
-psycopg2 starts every transaction by sending ``BEGIN`` and waiting for the answer before it
-sends the first statement: a request that runs one query pays three round trips (``BEGIN``,
-the query, ``ROLLBACK``). Over the network to Neon each one is a millisecond or more.
+psycopg2 opens every transaction by sending ``BEGIN`` and waiting for the answer before it sends
+the first statement: a request that runs one query pays three round trips (``BEGIN``, the
+query, ``ROLLBACK``). Over the network to Neon each one is a millisecond or more.
 
-:class:`NeonConnection` keeps libpq in autocommit mode and sends ``BEGIN`` in the same message
-as the transaction's first statement (``BEGIN; SELECT ...``), which the server runs as one
-simple query. The semantics are psycopg2's own: outside autocommit, the first statement opens a
-transaction, which lasts until ``commit()`` or ``rollback()``. What the application sees does
-not change; it saves one round trip per transaction, and a transaction that ran no statement
-costs none at all to commit or roll back. Through a pooler, the per-transaction ``SET LOCAL``
-limits travel in the same message too.
+How it is done, and why it cannot change an outcome:
 
-Whatever cannot ride along (``executemany``, ``COPY``, ``callproc``) first opens the
-transaction with a ``BEGIN`` of its own. Server-side (named) cursors need psycopg2's own
-transaction handling; a transaction that creates one switches to it until it ends.
+* The DBAPI connection is psycopg2's own (:class:`NeonConnection` subclasses it and adds no
+  behaviour until a fast transaction is open). Code that uses psycopg2 directly --
+  ``engine.raw_connection()``, ``psycopg2.extras``, cursor factories, tracing tools -- talks to
+  psycopg2 exactly as psycopg2 made it.
+* Only SQLAlchemy's execution path opens a fast transaction: :func:`install` listens to the
+  dialect's ``do_execute`` events, below the ``before_cursor_execute`` events that logging,
+  OpenTelemetry and Sentry read, so they still see the SQL the application wrote. When
+  psycopg2 would send ``BEGIN`` before a plain cursor's statement, the statement goes out as
+  ``BEGIN [options]; [limits]; statement`` in one message instead.
+* While that transaction is open, psycopg2 itself believes it is in autocommit mode. The
+  connection therefore answers for psycopg2 -- ``status``, ``autocommit``, ``commit()``,
+  ``rollback()``, the setters that refuse to run inside a transaction -- and hands the
+  transaction back to psycopg2's own handling (:meth:`NeonConnection._go_native`) before any
+  call whose behaviour depends on psycopg2's private state (named cursors, large objects,
+  two-phase commit).
+* Anything that cannot be made identical runs psycopg2's way and pays its round trip: cursors
+  of another class (a tracing tool's, ``RealDictCursor``), named cursors, ``executemany``,
+  text with a ``;`` (it may hold several statements), and errors. A statement that fails as
+  the first of a transaction is replayed psycopg2's way when the server rejected it before
+  running it, so the exception -- type, text, ``LINE 1:`` excerpt and position -- is the one
+  psycopg2 would have raised, and the transaction is left in the state psycopg2 leaves it in.
 """
 
 from __future__ import annotations
 
+import operator
+import re
 import typing as t
 
+import psycopg2
 import psycopg2.extensions as ext  # type: ignore[import-untyped]
+import sqlalchemy as sa
+from sqlalchemy import event
 
 _IDLE = ext.TRANSACTION_STATUS_IDLE
-_LEVELS = {
-    ext.ISOLATION_LEVEL_READ_COMMITTED: "READ COMMITTED",
-    ext.ISOLATION_LEVEL_REPEATABLE_READ: "REPEATABLE READ",
-    ext.ISOLATION_LEVEL_SERIALIZABLE: "SERIALIZABLE",
-    ext.ISOLATION_LEVEL_READ_UNCOMMITTED: "READ UNCOMMITTED",
-}
-_NAMES = {name: level for level, name in _LEVELS.items()}
-# psycopg2's own attributes, reached through the base class while ours keep the logical state.
-_driver_autocommit = ext.connection.autocommit
+_INTRANS = ext.TRANSACTION_STATUS_INTRANS
+_INERROR = ext.TRANSACTION_STATUS_INERROR
 
+# psycopg2's own attributes, read and written past the overrides below.
+_base_autocommit = ext.connection.autocommit
+_base_status = ext.connection.status
 
-class NeonCursor(ext.cursor):  # type: ignore[misc]
-    """Prefixes the first statement of a transaction with its ``BEGIN``."""
+# How psycopg2 spells BEGIN's options (psycopg/pqpath.c, pq_begin_locked).
+_ISOLATION = {1: "READ COMMITTED", 2: "REPEATABLE READ", 3: "SERIALIZABLE", 4: "READ UNCOMMITTED"}
 
-    def execute(self, query: t.Any, vars: t.Any = None) -> None:
-        connection: NeonConnection = self.connection
-        prefix = connection._begin_prefix() if self.name is None else None
-        if prefix is not None:
-            if not isinstance(query, (str, bytes)):
-                query = query.as_string(connection)  # psycopg2.sql.Composable
-            query = prefix.encode() + query if isinstance(query, bytes) else prefix + query
-        super().execute(query, vars)
-
-    def executemany(self, query: t.Any, vars_list: t.Any) -> None:
-        self.connection._ensure_begun()
-        super().executemany(query, vars_list)
-
-    def callproc(self, procname: str, parameters: t.Any = None) -> t.Any:
-        self.connection._ensure_begun()
-        return super().callproc(procname, parameters)
-
-    def copy_expert(self, sql: t.Any, file: t.Any, size: int = 8192) -> None:
-        self.connection._ensure_begun()
-        super().copy_expert(sql, file, size)
-
-    def copy_from(self, *args: t.Any, **kwargs: t.Any) -> None:
-        self.connection._ensure_begun()
-        super().copy_from(*args, **kwargs)
-
-    def copy_to(self, *args: t.Any, **kwargs: t.Any) -> None:
-        self.connection._ensure_begun()
-        super().copy_to(*args, **kwargs)
+# Silences the "there is already a transaction in progress" warning of the BEGIN that hands a
+# fast transaction to psycopg2, and returns the value to put back. OFFSET 0 keeps the planner
+# from merging the subquery, so the old value is read before set_config changes it.
+_QUIET = (
+    "SELECT old, set_config('client_min_messages', 'error', true) "
+    "FROM (SELECT current_setting('client_min_messages') AS old OFFSET 0) AS s"
+)
+_RESTORE = "SELECT set_config('client_min_messages', %s, true)"
 
 
 class NeonConnection(ext.connection):  # type: ignore[misc]
-    """A psycopg2 connection whose ``BEGIN`` shares a round trip with the first statement.
+    """psycopg2's connection, able to open a transaction in its first statement's round trip.
+
+    Until :func:`install`'s event opens a fast transaction, every method and attribute is
+    psycopg2's own. While one is open, the connection reports what psycopg2 would report
+    inside a transaction.
 
     Attributes:
-        begin_statements: SQL sent right after ``BEGIN`` in every transaction, e.g. the
-            ``SET LOCAL`` session limits through a pooler. Empty by default.
+        begin_statements: SQL run right after ``BEGIN`` in every transaction that SQLAlchemy
+            opens, e.g. the ``SET LOCAL`` session limits through a pooler. Empty by default.
     """
 
-    def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.cursor_factory = NeonCursor
-        self.begin_statements = ""
-        self._autocommit = False
-        self._isolation: str | None = None
-        self._readonly: bool | None = None
-        self._deferrable: bool | None = None
-        # True while a transaction runs under psycopg2's own handling (named cursors).
-        self._native = False
-        _driver_autocommit.__set__(self, True)
+    begin_statements = ""
+    # True while a transaction opened by execute_with_begin() runs: the server has one open,
+    # psycopg2 is in autocommit mode and knows nothing of it.
+    _fast = False
 
-    # -- the logical session characteristics ---------------------------------------------------
+    # -- what SQLAlchemy's execution path calls ------------------------------------------------
+
+    def opens_transaction(self) -> bool:
+        """True when psycopg2 would send ``BEGIN`` before the next statement."""
+        return (
+            not self._fast
+            and not self.closed
+            and not _base_autocommit.__get__(self)
+            and _base_status.__get__(self) == ext.STATUS_READY
+        )
+
+    def begin(self) -> None:
+        """Open the transaction psycopg2's way, then run :attr:`begin_statements` in it."""
+        if self.begin_statements:
+            with ext.cursor(self) as cursor:
+                cursor.execute(self.begin_statements)
+
+    def execute_with_begin(self, cursor: t.Any, statement: str, parameters: t.Any) -> None:
+        """Run a transaction's first statement with its ``BEGIN``, in one round trip.
+
+        Call only when :meth:`opens_transaction` is true, with a plain psycopg2 cursor and one
+        statement.
+        """
+        prefix = f"{self._begin_sql()}; {self.begin_statements}"
+        _base_autocommit.__set__(self, True)
+        try:
+            cursor.execute(prefix + statement, parameters)
+        except psycopg2.Error as exc:
+            if not self._after_failed_first(exc):
+                raise
+        except BaseException:
+            self._settle()
+            raise
+        else:
+            self._fast = True
+            return
+        # Replay psycopg2's way, outside the except block so that the exception psycopg2
+        # raises is not chained to the first one.
+        self.begin()
+        cursor.execute(statement, parameters)
+
+    def _after_failed_first(self, exc: psycopg2.Error) -> bool:
+        """Settle the state after a failed first statement; True when it must be replayed.
+
+        A replay is safe only where the server ran nothing of the statement: it rejected the
+        whole message unparsed (no transaction is open), or the error carries a position in
+        the text, which only parsing and analysis report.
+        """
+        if self.closed or exc.pgcode is None:
+            self._settle()
+            return False
+        status = self.get_transaction_status()
+        if status == _IDLE:
+            _base_autocommit.__set__(self, False)
+            return True
+        if status == _INERROR and exc.diag.statement_position is not None:
+            with ext.cursor(self) as cursor:
+                cursor.execute("ROLLBACK")
+            _base_autocommit.__set__(self, False)
+            return True
+        self._settle()
+        return False
+
+    def _settle(self) -> None:
+        """After an interrupted first statement: fast if the server opened the transaction."""
+        if self.closed:
+            return
+        if self.get_transaction_status() in (_INTRANS, _INERROR):
+            self._fast = True
+        else:
+            _base_autocommit.__set__(self, False)
+
+    def _begin_sql(self) -> str:
+        # The BEGIN psycopg2 would send, built from its own validated session characteristics.
+        parts = ["BEGIN"]
+        level = self.isolation_level
+        if level in _ISOLATION:
+            parts.append(f"ISOLATION LEVEL {_ISOLATION[level]}")
+        if self.readonly is not None:
+            parts.append("READ ONLY" if self.readonly else "READ WRITE")
+        if self.deferrable is not None:
+            parts.append("DEFERRABLE" if self.deferrable else "NOT DEFERRABLE")
+        return " ".join(parts)
+
+    # -- ending a fast transaction --------------------------------------------------------------
+
+    def _end(self, command: str) -> None:
+        try:
+            with ext.cursor(self) as cursor:
+                cursor.execute(command)
+        finally:
+            # psycopg2 counts the transaction as ended even when COMMIT fails.
+            self._fast = False
+            if not self.closed:
+                _base_autocommit.__set__(self, False)
+
+    def commit(self) -> None:
+        if self._fast:
+            self._end("COMMIT")
+        else:
+            super().commit()
+
+    def rollback(self) -> None:
+        if self._fast:
+            self._end("ROLLBACK")
+        else:
+            super().rollback()
+
+    def close(self) -> None:
+        # The server rolls back what is open, as it does for psycopg2.
+        self._fast = False
+        super().close()
+
+    def _go_native(self) -> None:
+        """Hand the open fast transaction to psycopg2's own handling.
+
+        psycopg2 learns of a transaction only by sending ``BEGIN`` itself; inside an open one
+        that BEGIN changes nothing but draws a warning, silenced here for that moment only.
+        An aborted transaction accepts no statement, so it stays fast: psycopg2 then refuses
+        what needs a transaction, where it would have reported the aborted transaction.
+        """
+        if self.get_transaction_status() != _INTRANS:
+            return
+        with ext.cursor(self) as cursor:
+            cursor.execute(_QUIET)
+            old = cursor.fetchone()[0]
+            self._fast = False
+            _base_autocommit.__set__(self, False)
+            cursor.execute(_RESTORE, (old,))
+
+    # -- what psycopg2 reports inside a transaction ---------------------------------------------
+
+    @property
+    def status(self) -> int:
+        return ext.STATUS_BEGIN if self._fast else _base_status.__get__(self)
 
     @property
     def autocommit(self) -> bool:
-        return self._autocommit
+        return False if self._fast else bool(_base_autocommit.__get__(self))
 
     @autocommit.setter
     def autocommit(self, value: bool) -> None:
-        self._autocommit = bool(value)
+        self._refuse_inside_transaction("set_session")
+        _base_autocommit.__set__(self, value)
 
+    # ext.connection's other setters are C descriptors: override them the same way.
     @property
     def readonly(self) -> bool | None:
-        return self._readonly
+        return t.cast("bool | None", ext.connection.readonly.__get__(self))
 
     @readonly.setter
-    def readonly(self, value: bool | None) -> None:
-        self._readonly = value
+    def readonly(self, value: t.Any) -> None:
+        self._refuse_inside_transaction("set_session")
+        ext.connection.readonly.__set__(self, value)
 
     @property
     def deferrable(self) -> bool | None:
-        return self._deferrable
+        return t.cast("bool | None", ext.connection.deferrable.__get__(self))
 
     @deferrable.setter
-    def deferrable(self, value: bool | None) -> None:
-        self._deferrable = value
+    def deferrable(self, value: t.Any) -> None:
+        self._refuse_inside_transaction("set_session")
+        ext.connection.deferrable.__set__(self, value)
 
     @property
     def isolation_level(self) -> int | None:
-        return None if self._isolation is None else _NAMES[self._isolation]
+        return t.cast("int | None", ext.connection.isolation_level.__get__(self))
 
     @isolation_level.setter
-    def isolation_level(self, value: int | str | None) -> None:
-        self.set_session(isolation_level=value)
+    def isolation_level(self, value: t.Any) -> None:
+        self._refuse_inside_transaction("set_session")
+        ext.connection.isolation_level.__set__(self, value)
 
-    def set_isolation_level(self, level: int) -> None:
-        if level == ext.ISOLATION_LEVEL_AUTOCOMMIT:
-            self._autocommit = True
-        else:
-            self.rollback()  # psycopg2 ends the current transaction here too
-            self._autocommit = False
-            self._isolation = _LEVELS.get(level)
+    def _refuse_inside_transaction(self, command: str) -> None:
+        # psycopg2 checks for a closed connection first; it raises that error itself.
+        if self._fast and not self.closed:
+            raise psycopg2.ProgrammingError(f"{command} cannot be used inside a transaction")
 
-    def set_session(
-        self,
-        isolation_level: int | str | None = None,
-        readonly: bool | None = None,
-        deferrable: bool | None = None,
-        autocommit: bool | None = None,
-    ) -> None:
-        if isolation_level is not None:
-            if isinstance(isolation_level, str):
-                name = isolation_level.upper()
-                self._isolation = None if name == "DEFAULT" else name
-            else:
-                self._isolation = _LEVELS.get(isolation_level)
-        if readonly is not None:
-            self._readonly = readonly
-        if deferrable is not None:
-            self._deferrable = deferrable
-        if autocommit is not None:
-            self._autocommit = autocommit
+    def set_session(self, *args: t.Any, **kwargs: t.Any) -> None:
+        self._refuse_inside_transaction("set_session")
+        super().set_session(*args, **kwargs)
 
-    # -- transactions --------------------------------------------------------------------------
+    def tpc_begin(self, xid: t.Any) -> None:
+        self._refuse_inside_transaction("tpc_begin")
+        super().tpc_begin(xid)
 
-    def _begin_sql(self) -> str:
-        options = []
-        if self._isolation is not None:
-            options.append(f"ISOLATION LEVEL {self._isolation}")
-        if self._readonly is not None:
-            options.append("READ ONLY" if self._readonly else "READ WRITE")
-        if self._deferrable is not None:
-            options.append("DEFERRABLE" if self._deferrable else "NOT DEFERRABLE")
-        begin = "BEGIN " + " ".join(options) if options else "BEGIN"
-        return f"{begin}; {self.begin_statements}" if self.begin_statements else f"{begin}; "
+    def set_isolation_level(self, level: t.Any) -> None:
+        # psycopg2 validates the level, then ends the transaction, then sets it.
+        if self._fast and not self.closed and _valid_level(level):
+            self.rollback()
+        super().set_isolation_level(level)
 
-    def _begin_prefix(self) -> str | None:
-        """The text to put before a statement, or None when no transaction must open."""
-        if self._autocommit or self._native or self.get_transaction_status() != _IDLE:
-            return None
-        return self._begin_sql()
+    def set_client_encoding(self, encoding: t.Any) -> None:
+        # psycopg2 ends the transaction only when the encoding actually changes.
+        if self._fast and not self.closed and isinstance(encoding, str):
+            if _clean_encoding(encoding) != self.encoding:
+                self.rollback()
+        super().set_client_encoding(encoding)
 
-    def _ensure_begun(self) -> None:
-        prefix = self._begin_prefix()
-        if prefix is not None:
-            with ext.cursor(self) as cursor:
-                cursor.execute(prefix.rstrip().rstrip(";"))
+    def reset(self) -> None:
+        if self._fast and not self.closed:
+            self.rollback()
+        super().reset()
+
+    # -- calls whose behaviour depends on psycopg2's own transaction state ----------------------
 
     def cursor(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        named = bool(args and args[0]) or bool(kwargs.get("name"))
-        if named and not self._autocommit and not self._native:
+        name = args[0] if args else kwargs.get("name")
+        if self._fast and name is not None:
             self._go_native()
         return super().cursor(*args, **kwargs)
 
-    def _go_native(self) -> None:
-        # psycopg2 refuses named cursors in autocommit mode, so this transaction is handed to
-        # psycopg2's own handling. If it already began, psycopg2's extra BEGIN only draws a
-        # warning from the server.
-        ext.connection.set_session(
-            self,
-            isolation_level=self._isolation or "DEFAULT",
-            readonly=self._readonly,
-            deferrable=self._deferrable,
-            autocommit=False,
-        )
-        self._native = True
+    def lobject(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
+        if self._fast:
+            self._go_native()
+            if self._fast:  # aborted: report it as psycopg2 would, from the server
+                with ext.cursor(self) as cursor:
+                    cursor.execute("SELECT 1")
+        return super().lobject(*args, **kwargs)
 
-    def _leave_native(self) -> None:
-        self._native = False
-        _driver_autocommit.__set__(self, True)
+    def tpc_prepare(self) -> None:
+        if self._fast:
+            self._go_native()
+        super().tpc_prepare()
 
-    def commit(self) -> None:
-        if self._native:
-            try:
-                super().commit()
-            finally:
-                self._leave_native()
-        elif self.get_transaction_status() != _IDLE:
-            with ext.cursor(self) as cursor:
-                cursor.execute("COMMIT")
+    def tpc_commit(self, *args: t.Any) -> None:
+        if self._fast:
+            self._go_native()
+        super().tpc_commit(*args)
 
-    def rollback(self) -> None:
-        if self._native:
-            try:
-                super().rollback()
-            finally:
-                self._leave_native()
-        elif self.get_transaction_status() != _IDLE:
-            with ext.cursor(self) as cursor:
-                cursor.execute("ROLLBACK")
+    def tpc_rollback(self, *args: t.Any) -> None:
+        if self._fast:
+            self._go_native()
+        super().tpc_rollback(*args)
+
+
+def _valid_level(level: t.Any) -> bool:
+    try:
+        return 0 <= operator.index(level) <= 4
+    except TypeError:
+        return False
+
+
+def _clean_encoding(name: str) -> str:
+    # psycopg2's clear_encoding_name(): keep letters and digits, upper case.
+    return re.sub(r"[^A-Za-z0-9]", "", name).upper()
+
+
+def _one_plain_statement(cursor: t.Any, statement: t.Any) -> bool:
+    # Another cursor class may read or rewrite the SQL it is given (a tracing tool records it):
+    # it must see the statement as written, so it gets psycopg2's own BEGIN. So does a named
+    # cursor, whose statement psycopg2 wraps in DECLARE.
+    return (
+        type(cursor) is ext.cursor
+        and cursor.name is None
+        and isinstance(statement, str)
+        and ";" not in statement
+        and bool(statement.strip())
+    )
+
+
+def _on_execute(
+    cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any
+) -> bool:
+    connection = cursor.connection
+    if not (isinstance(connection, NeonConnection) and connection.opens_transaction()):
+        return False
+    if _one_plain_statement(cursor, statement):
+        connection.execute_with_begin(cursor, statement, parameters)
+        return True
+    connection.begin()
+    return False
+
+
+def _on_execute_no_params(cursor: t.Any, statement: t.Any, context: t.Any) -> bool:
+    return _on_execute(cursor, statement, None, context)
+
+
+def _on_executemany(
+    cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any
+) -> bool:
+    connection = cursor.connection
+    if isinstance(connection, NeonConnection) and connection.opens_transaction():
+        connection.begin()
+    return False
+
+
+def install(engine: sa.Engine) -> None:
+    """Open the transactions of ``engine``'s :class:`NeonConnection` s with their first statement."""
+    event.listen(engine, "do_execute", _on_execute)
+    event.listen(engine, "do_execute_no_params", _on_execute_no_params)
+    event.listen(engine, "do_executemany", _on_executemany)

@@ -10,8 +10,9 @@ The events installed here are the reason flask-neon survives Neon's failure mode
   that are waking up;
 * fork safety: a forked child never touches its parent's sockets.
 
-Connections are :class:`~flask_neon.driver.NeonConnection` (``DB_FAST_BEGIN``), which sends
-``BEGIN`` and, through a pooler, the ``SET LOCAL`` limits with a transaction's first statement.
+With ``DB_FAST_BEGIN``, connections are :class:`~flask_neon.driver.NeonConnection` and
+:func:`flask_neon.driver.install` sends ``BEGIN`` and, through a pooler, the ``SET LOCAL``
+limits with each transaction's first statement.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import sqlalchemy.exc as sa_exc
 from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
-from .driver import NeonConnection
+from . import driver
 from .errors import classify
 from .monitoring import MeasuredQueuePool
 from .profiles import PoolConfig
@@ -82,8 +83,9 @@ def make_engine(
     mode = limits_mode(settings, pooled)
     limits = limit_parameters(settings)
     connect_args = _connect_args(url, settings, application_name)
-    if settings.fast_begin and "connection_factory" not in connect_args:
-        connect_args["connection_factory"] = NeonConnection
+    fast_begin = settings.fast_begin and "connection_factory" not in connect_args
+    if fast_begin:
+        connect_args["connection_factory"] = driver.NeonConnection
     if mode == "startup" and limits:
         flags = " ".join(f"-c {name}={value}" for name, value in limits.items())
         user_options = url.query_dict.get("options", "")
@@ -105,8 +107,10 @@ def make_engine(
         hide_parameters=True,
         connect_args=connect_args,
     )
+    if fast_begin:
+        driver.install(engine)
     if mode == "transaction" and limits:
-        _install_per_transaction_limits(engine, limits, fast_begin=settings.fast_begin)
+        _install_per_transaction_limits(engine, limits, fast_begin=fast_begin)
     _install_liveness_check(engine, settings.ping_after_idle)
     _install_connect_retry(engine, settings, url.secrets())
     _register(engine)
@@ -141,7 +145,7 @@ def _install_per_transaction_limits(
         # NeonConnection sends them with BEGIN and the first statement: no extra round trip.
         @event.listens_for(engine, "connect")
         def _remember_limits(dbapi_connection: t.Any, record: ConnectionPoolEntry) -> None:
-            if isinstance(dbapi_connection, NeonConnection):
+            if isinstance(dbapi_connection, driver.NeonConnection):
                 dbapi_connection.begin_statements = statements
 
         return

@@ -142,7 +142,7 @@ def test_executemany_and_server_side_cursors(engine: sa.Engine) -> None:
         # The connection is back to fast BEGIN afterwards.
         raw = connection.connection.dbapi_connection
         assert isinstance(raw, NeonConnection)
-        assert not raw._native
+        assert not raw._fast
     assert count(engine) == 100
     with engine.connect() as connection:
         first = connection.execution_options(stream_results=True).execute(
