@@ -6,324 +6,132 @@ query, ``ROLLBACK``). Over the network to Neon each one is a millisecond or more
 
 How it is done, and why it cannot change an outcome:
 
-* The DBAPI connection is psycopg2's own (:class:`NeonConnection` subclasses it and adds no
-  behaviour until a fast transaction is open). Code that uses psycopg2 directly --
-  ``engine.raw_connection()``, ``psycopg2.extras``, cursor factories, tracing tools -- talks to
-  psycopg2 exactly as psycopg2 made it.
+* The DBAPI connection stays psycopg2's own, of whatever class the application chose. Nothing
+  of psycopg2 is subclassed, wrapped or imitated.
+* psycopg2 keeps one fact about transactions: a flag, ``connection.status``, that says whether
+  it has sent ``BEGIN`` (:data:`psycopg2.extensions.STATUS_BEGIN`). It sends ``BEGIN`` before a
+  statement when the flag says "ready"; ``commit()``, ``rollback()``, named cursors, large
+  objects, ``with conn:``, ``set_session()``, two-phase commit all read the flag.
 * Only SQLAlchemy's execution path opens a fast transaction: :func:`install` listens to the
-  dialect's ``do_execute`` events, below the ``before_cursor_execute`` events that logging,
-  OpenTelemetry and Sentry read, so they still see the SQL the application wrote. When
-  psycopg2 would send ``BEGIN`` before a plain cursor's statement, the statement goes out as
-  ``BEGIN [options]; [limits]; statement`` in one message instead.
-* While that transaction is open, psycopg2 itself believes it is in autocommit mode. The
-  connection therefore answers for psycopg2 -- ``status``, ``autocommit``, ``commit()``,
-  ``rollback()``, the setters that refuse to run inside a transaction -- and hands the
-  transaction back to psycopg2's own handling (:meth:`NeonConnection._go_native`) before any
-  call whose behaviour depends on psycopg2's private state (named cursors, large objects,
-  two-phase commit).
+  dialect's ``do_execute`` event, below the ``before_cursor_execute`` events that logging,
+  OpenTelemetry and Sentry read, so they see the SQL the application wrote. When psycopg2
+  would send ``BEGIN`` before a plain cursor's statement, the statement goes out as
+  ``BEGIN [options]; [limits]; statement`` in one message, and the flag is set as psycopg2's
+  own ``BEGIN`` sets it. From there on psycopg2 handles the transaction itself, unchanged.
 * Anything that cannot be made identical runs psycopg2's way and pays its round trip: cursors
-  of another class (a tracing tool's, ``RealDictCursor``), named cursors, ``executemany``,
-  text with a ``;`` (it may hold several statements), and errors. A statement that fails as
-  the first of a transaction is replayed psycopg2's way when the server rejected it before
-  running it, so the exception -- type, text, ``LINE 1:`` excerpt and position -- is the one
-  psycopg2 would have raised, and the transaction is left in the state psycopg2 leaves it in.
+  of another class (a tracing tool's, ``RealDictCursor``), named cursors, ``executemany``, and
+  text with a ``;`` (it may hold several statements). A first statement that the server
+  rejected before running anything is replayed psycopg2's way, so the exception -- type, text,
+  ``LINE 1:`` excerpt and position -- is the one psycopg2 raises, and the transaction is left
+  in the state psycopg2 leaves it in.
+
+The flag is a C field without a setter. :data:`AVAILABLE` is true only when its place in the
+connection object could be read from psycopg2's own attribute descriptor and checked; without
+it (another Python implementation, an unusual build) fast BEGIN stays off and psycopg2 sends
+its ``BEGIN`` as always.
 """
 
 from __future__ import annotations
 
-import operator
-import re
+import ctypes
+import sys
 import typing as t
 
-import psycopg2
+import psycopg2  # type: ignore[import-untyped]
 import psycopg2.extensions as ext  # type: ignore[import-untyped]
 import sqlalchemy as sa
 from sqlalchemy import event
 
 _IDLE = ext.TRANSACTION_STATUS_IDLE
-_INTRANS = ext.TRANSACTION_STATUS_INTRANS
+_OPEN = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
 _INERROR = ext.TRANSACTION_STATUS_INERROR
-
-# psycopg2's own attributes, read and written past the overrides below.
-_base_autocommit = ext.connection.autocommit
-_base_status = ext.connection.status
+_base_status = ext.connection.status  # psycopg2's own attribute, past any subclass
 
 # How psycopg2 spells BEGIN's options (psycopg/pqpath.c, pq_begin_locked).
 _ISOLATION = {1: "READ COMMITTED", 2: "REPEATABLE READ", 3: "SERIALIZABLE", 4: "READ UNCOMMITTED"}
 
-# Silences the "there is already a transaction in progress" warning of the BEGIN that hands a
-# fast transaction to psycopg2, and returns the value to put back. OFFSET 0 keeps the planner
-# from merging the subquery, so the old value is read before set_config changes it.
-_QUIET = (
-    "SELECT old, set_config('client_min_messages', 'error', true) "
-    "FROM (SELECT current_setting('client_min_messages') AS old OFFSET 0) AS s"
-)
-_RESTORE = "SELECT set_config('client_min_messages', %s, true)"
+
+# -- psycopg2's transaction flag ---------------------------------------------------------------
 
 
-class NeonConnection(ext.connection):  # type: ignore[misc]
-    """psycopg2's connection, able to open a transaction in its first statement's round trip.
+class _MemberDef(ctypes.Structure):
+    # CPython's PyMemberDef: what a read-only C attribute such as ``status`` is made of.
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("type", ctypes.c_int),
+        ("offset", ctypes.c_ssize_t),
+        ("flags", ctypes.c_int),
+        ("doc", ctypes.c_char_p),
+    ]
 
-    Until :func:`install`'s event opens a fast transaction, every method and attribute is
-    psycopg2's own. While one is open, the connection reports what psycopg2 would report
-    inside a transaction.
 
-    Attributes:
-        begin_statements: SQL run right after ``BEGIN`` in every transaction that SQLAlchemy
-            opens, e.g. the ``SET LOCAL`` session limits through a pooler. Empty by default.
+_T_INT = 1  # structmember.h
+_READONLY = 1
+
+
+def _status_offset() -> int | None:
+    """Where psycopg2's connection object keeps ``status``; None when it cannot be verified.
+
+    A member descriptor (``PyMemberDescrObject``) is an object header, three pointers (type,
+    name, qualified name) and a pointer to the ``PyMemberDef`` psycopg2 declared. The result
+    is used only when that declaration names ``status``, an int, read-only, and the offset
+    reads back the value the attribute itself reports.
     """
-
-    begin_statements = ""
-    # True while a transaction opened by execute_with_begin() runs: the server has one open,
-    # psycopg2 is in autocommit mode and knows nothing of it.
-    _fast = False
-
-    # -- what SQLAlchemy's execution path calls ------------------------------------------------
-
-    def opens_transaction(self) -> bool:
-        """True when psycopg2 would send ``BEGIN`` before the next statement."""
-        return (
-            not self._fast
-            and not self.closed
-            and not _base_autocommit.__get__(self)
-            and _base_status.__get__(self) == ext.STATUS_READY
-        )
-
-    def begin(self) -> None:
-        """Open the transaction psycopg2's way, then run :attr:`begin_statements` in it."""
-        if self.begin_statements:
-            with ext.cursor(self) as cursor:
-                cursor.execute(self.begin_statements)
-
-    def execute_with_begin(self, cursor: t.Any, statement: str, parameters: t.Any) -> None:
-        """Run a transaction's first statement with its ``BEGIN``, in one round trip.
-
-        Call only when :meth:`opens_transaction` is true, with a plain psycopg2 cursor and one
-        statement.
-        """
-        prefix = f"{self._begin_sql()}; {self.begin_statements}"
-        _base_autocommit.__set__(self, True)
-        try:
-            cursor.execute(prefix + statement, parameters)
-        except psycopg2.Error as exc:
-            if not self._after_failed_first(exc):
-                raise
-        except BaseException:
-            self._settle()
-            raise
-        else:
-            self._fast = True
-            return
-        # Replay psycopg2's way, outside the except block so that the exception psycopg2
-        # raises is not chained to the first one.
-        self.begin()
-        cursor.execute(statement, parameters)
-
-    def _after_failed_first(self, exc: psycopg2.Error) -> bool:
-        """Settle the state after a failed first statement; True when it must be replayed.
-
-        A replay is safe only where the server ran nothing of the statement: it rejected the
-        whole message unparsed (no transaction is open), or the error carries a position in
-        the text, which only parsing and analysis report.
-        """
-        if self.closed or exc.pgcode is None:
-            self._settle()
-            return False
-        status = self.get_transaction_status()
-        if status == _IDLE:
-            _base_autocommit.__set__(self, False)
-            return True
-        if status == _INERROR and exc.diag.statement_position is not None:
-            with ext.cursor(self) as cursor:
-                cursor.execute("ROLLBACK")
-            _base_autocommit.__set__(self, False)
-            return True
-        self._settle()
-        return False
-
-    def _settle(self) -> None:
-        """After an interrupted first statement: fast if the server opened the transaction."""
-        if self.closed:
-            return
-        if self.get_transaction_status() in (_INTRANS, _INERROR):
-            self._fast = True
-        else:
-            _base_autocommit.__set__(self, False)
-
-    def _begin_sql(self) -> str:
-        # The BEGIN psycopg2 would send, built from its own validated session characteristics.
-        parts = ["BEGIN"]
-        level = self.isolation_level
-        if level in _ISOLATION:
-            parts.append(f"ISOLATION LEVEL {_ISOLATION[level]}")
-        if self.readonly is not None:
-            parts.append("READ ONLY" if self.readonly else "READ WRITE")
-        if self.deferrable is not None:
-            parts.append("DEFERRABLE" if self.deferrable else "NOT DEFERRABLE")
-        return " ".join(parts)
-
-    # -- ending a fast transaction --------------------------------------------------------------
-
-    def _end(self, command: str) -> None:
-        try:
-            with ext.cursor(self) as cursor:
-                cursor.execute(command)
-        finally:
-            # psycopg2 counts the transaction as ended even when COMMIT fails.
-            self._fast = False
-            if not self.closed:
-                _base_autocommit.__set__(self, False)
-
-    def commit(self) -> None:
-        if self._fast:
-            self._end("COMMIT")
-        else:
-            super().commit()
-
-    def rollback(self) -> None:
-        if self._fast:
-            self._end("ROLLBACK")
-        else:
-            super().rollback()
-
-    def close(self) -> None:
-        # The server rolls back what is open, as it does for psycopg2.
-        self._fast = False
-        super().close()
-
-    def _go_native(self) -> None:
-        """Hand the open fast transaction to psycopg2's own handling.
-
-        psycopg2 learns of a transaction only by sending ``BEGIN`` itself; inside an open one
-        that BEGIN changes nothing but draws a warning, silenced here for that moment only.
-        An aborted transaction accepts no statement, so it stays fast: psycopg2 then refuses
-        what needs a transaction, where it would have reported the aborted transaction.
-        """
-        if self.get_transaction_status() != _INTRANS:
-            return
-        with ext.cursor(self) as cursor:
-            cursor.execute(_QUIET)
-            old = cursor.fetchone()[0]
-            self._fast = False
-            _base_autocommit.__set__(self, False)
-            cursor.execute(_RESTORE, (old,))
-
-    # -- what psycopg2 reports inside a transaction ---------------------------------------------
-
-    @property
-    def status(self) -> int:
-        return ext.STATUS_BEGIN if self._fast else _base_status.__get__(self)
-
-    @property
-    def autocommit(self) -> bool:
-        return False if self._fast else bool(_base_autocommit.__get__(self))
-
-    @autocommit.setter
-    def autocommit(self, value: bool) -> None:
-        self._refuse_inside_transaction("set_session")
-        _base_autocommit.__set__(self, value)
-
-    # ext.connection's other setters are C descriptors: override them the same way.
-    @property
-    def readonly(self) -> bool | None:
-        return t.cast("bool | None", ext.connection.readonly.__get__(self))
-
-    @readonly.setter
-    def readonly(self, value: t.Any) -> None:
-        self._refuse_inside_transaction("set_session")
-        ext.connection.readonly.__set__(self, value)
-
-    @property
-    def deferrable(self) -> bool | None:
-        return t.cast("bool | None", ext.connection.deferrable.__get__(self))
-
-    @deferrable.setter
-    def deferrable(self, value: t.Any) -> None:
-        self._refuse_inside_transaction("set_session")
-        ext.connection.deferrable.__set__(self, value)
-
-    @property
-    def isolation_level(self) -> int | None:
-        return t.cast("int | None", ext.connection.isolation_level.__get__(self))
-
-    @isolation_level.setter
-    def isolation_level(self, value: t.Any) -> None:
-        self._refuse_inside_transaction("set_session")
-        ext.connection.isolation_level.__set__(self, value)
-
-    def _refuse_inside_transaction(self, command: str) -> None:
-        # psycopg2 checks for a closed connection first; it raises that error itself.
-        if self._fast and not self.closed:
-            raise psycopg2.ProgrammingError(f"{command} cannot be used inside a transaction")
-
-    def set_session(self, *args: t.Any, **kwargs: t.Any) -> None:
-        self._refuse_inside_transaction("set_session")
-        super().set_session(*args, **kwargs)
-
-    def tpc_begin(self, xid: t.Any) -> None:
-        self._refuse_inside_transaction("tpc_begin")
-        super().tpc_begin(xid)
-
-    def set_isolation_level(self, level: t.Any) -> None:
-        # psycopg2 validates the level, then ends the transaction, then sets it.
-        if self._fast and not self.closed and _valid_level(level):
-            self.rollback()
-        super().set_isolation_level(level)
-
-    def set_client_encoding(self, encoding: t.Any) -> None:
-        # psycopg2 ends the transaction only when the encoding actually changes.
-        if self._fast and not self.closed and isinstance(encoding, str):
-            if _clean_encoding(encoding) != self.encoding:
-                self.rollback()
-        super().set_client_encoding(encoding)
-
-    def reset(self) -> None:
-        if self._fast and not self.closed:
-            self.rollback()
-        super().reset()
-
-    # -- calls whose behaviour depends on psycopg2's own transaction state ----------------------
-
-    def cursor(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        name = args[0] if args else kwargs.get("name")
-        if self._fast and name is not None:
-            self._go_native()
-        return super().cursor(*args, **kwargs)
-
-    def lobject(self, *args: t.Any, **kwargs: t.Any) -> t.Any:
-        if self._fast:
-            self._go_native()
-            if self._fast:  # aborted: report it as psycopg2 would, from the server
-                with ext.cursor(self) as cursor:
-                    cursor.execute("SELECT 1")
-        return super().lobject(*args, **kwargs)
-
-    def tpc_prepare(self) -> None:
-        if self._fast:
-            self._go_native()
-        super().tpc_prepare()
-
-    def tpc_commit(self, *args: t.Any) -> None:
-        if self._fast:
-            self._go_native()
-        super().tpc_commit(*args)
-
-    def tpc_rollback(self, *args: t.Any) -> None:
-        if self._fast:
-            self._go_native()
-        super().tpc_rollback(*args)
+    descriptor = ext.connection.__dict__.get("status")
+    if sys.implementation.name != "cpython" or type(descriptor).__name__ != "member_descriptor":
+        return None
+    header = object.__basicsize__ + 3 * ctypes.sizeof(ctypes.c_void_p)
+    member_pointer = ctypes.c_void_p.from_address(id(descriptor) + header).value
+    if not member_pointer:
+        return None
+    member = _MemberDef.from_address(member_pointer)
+    if member.name != b"status" or member.type != _T_INT or not member.flags & _READONLY:
+        return None
+    if not 0 < member.offset < ext.connection.__basicsize__:
+        return None
+    return int(member.offset)
 
 
-def _valid_level(level: t.Any) -> bool:
-    try:
-        return 0 <= operator.index(level) <= 4
-    except TypeError:
-        return False
+_STATUS_OFFSET = _status_offset()
+#: True when psycopg2's transaction flag could be located: fast BEGIN is possible.
+AVAILABLE = _STATUS_OFFSET is not None
 
 
-def _clean_encoding(name: str) -> str:
-    # psycopg2's clear_encoding_name(): keep letters and digits, upper case.
-    return re.sub(r"[^A-Za-z0-9]", "", name).upper()
+def _set_status(connection: t.Any, status: int) -> None:
+    """Set psycopg2's own transaction flag, as its ``BEGIN`` / ``ROLLBACK`` set it."""
+    assert _STATUS_OFFSET is not None
+    field = ctypes.c_int.from_address(id(connection) + _STATUS_OFFSET)
+    if field.value != _base_status.__get__(
+        connection
+    ):  # the layout is not what was checked at import
+        raise RuntimeError("psycopg2's connection status field moved; disable DB_FAST_BEGIN")
+    field.value = status
+
+
+# -- the transaction's first statement ----------------------------------------------------------
+
+
+def _opens_transaction(connection: t.Any) -> bool:
+    """True when psycopg2 would send ``BEGIN`` before the next statement."""
+    return (
+        isinstance(connection, ext.connection)
+        and not connection.closed
+        and not connection.autocommit
+        and connection.status == ext.STATUS_READY
+    )
+
+
+def _begin_sql(connection: t.Any) -> str:
+    # The BEGIN psycopg2 would send, built from its own validated session characteristics.
+    parts = ["BEGIN"]
+    level = connection.isolation_level
+    if level in _ISOLATION:
+        parts.append(f"ISOLATION LEVEL {_ISOLATION[level]}")
+    if connection.readonly is not None:
+        parts.append("READ ONLY" if connection.readonly else "READ WRITE")
+    if connection.deferrable is not None:
+        parts.append("DEFERRABLE" if connection.deferrable else "NOT DEFERRABLE")
+    return " ".join(parts)
 
 
 def _one_plain_statement(cursor: t.Any, statement: t.Any) -> bool:
@@ -339,34 +147,96 @@ def _one_plain_statement(cursor: t.Any, statement: t.Any) -> bool:
     )
 
 
-def _on_execute(
-    cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any
-) -> bool:
-    connection = cursor.connection
-    if not (isinstance(connection, NeonConnection) and connection.opens_transaction()):
-        return False
-    if _one_plain_statement(cursor, statement):
-        connection.execute_with_begin(cursor, statement, parameters)
+class FastBegin:
+    """The dialect events of one engine: open its transactions with their first statement.
+
+    Attributes:
+        begin_statements: SQL run right after ``BEGIN`` in every transaction SQLAlchemy opens,
+            e.g. the ``SET LOCAL`` session limits through a pooler. Empty by default.
+    """
+
+    def __init__(self, begin_statements: str = "") -> None:
+        self.begin_statements = begin_statements
+
+    def begin(self, connection: t.Any) -> None:
+        """psycopg2's way: let it send ``BEGIN``, then run :attr:`begin_statements`."""
+        if self.begin_statements:
+            with ext.cursor(connection) as cursor:
+                cursor.execute(self.begin_statements)
+
+    def execute(self, cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any) -> bool:
+        """``do_execute``: True when the statement was run here, with its ``BEGIN``."""
+        connection = cursor.connection
+        if not _opens_transaction(connection):
+            return False
+        if not _one_plain_statement(cursor, statement):
+            self.begin(connection)
+            return False
+        prefix = f"{_begin_sql(connection)}; {self.begin_statements}"
+        if parameters is not None:
+            prefix = prefix.replace("%", "%%")
+        _set_status(connection, ext.STATUS_BEGIN)
+        try:
+            cursor.execute(prefix + statement, parameters)
+        except BaseException as exc:
+            if not self._after_failed_first(connection, exc):
+                raise
+        else:
+            return True
+        # Replay psycopg2's way, outside the except block so that the exception psycopg2
+        # raises is not chained to the first one.
+        self.begin(connection)
+        cursor.execute(statement, parameters)
         return True
-    connection.begin()
-    return False
+
+    def execute_no_params(self, cursor: t.Any, statement: t.Any, context: t.Any) -> bool:
+        """``do_execute_no_params``: as :meth:`execute`."""
+        return self.execute(cursor, statement, None, context)
+
+    def executemany(
+        self, cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any
+    ) -> bool:
+        """``do_executemany``: psycopg2's own ``BEGIN``, then the limits."""
+        if _opens_transaction(cursor.connection):
+            self.begin(cursor.connection)
+        return False
+
+    @staticmethod
+    def _after_failed_first(connection: t.Any, exc: BaseException) -> bool:
+        """Put psycopg2's flag where its own ``BEGIN`` would have; True when to replay.
+
+        A replay is safe only where the server ran nothing of the statement: it received
+        nothing or rejected the whole message unparsed (no transaction is open), or the error
+        carries a position in the text, which only parsing and analysis report.
+        """
+        if connection.closed:
+            _set_status(connection, ext.STATUS_READY)
+            return False
+        status = connection.get_transaction_status()
+        if status == _IDLE:
+            _set_status(connection, ext.STATUS_READY)
+            return isinstance(exc, Exception)
+        if (
+            status == _INERROR
+            and isinstance(exc, psycopg2.Error)
+            and exc.diag.statement_position is not None
+        ):
+            # psycopg2's own rollback() of the transaction it believes it opened.
+            ext.connection.rollback(connection)
+            return True
+        if status not in _OPEN:
+            _set_status(connection, ext.STATUS_READY)
+        return False
 
 
-def _on_execute_no_params(cursor: t.Any, statement: t.Any, context: t.Any) -> bool:
-    return _on_execute(cursor, statement, None, context)
+def install(engine: sa.Engine, begin_statements: str = "") -> FastBegin:
+    """Open ``engine``'s transactions with their first statement; return the events' owner.
 
-
-def _on_executemany(
-    cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any
-) -> bool:
-    connection = cursor.connection
-    if isinstance(connection, NeonConnection) and connection.opens_transaction():
-        connection.begin()
-    return False
-
-
-def install(engine: sa.Engine) -> None:
-    """Open the transactions of ``engine``'s :class:`NeonConnection` s with their first statement."""
-    event.listen(engine, "do_execute", _on_execute)
-    event.listen(engine, "do_execute_no_params", _on_execute_no_params)
-    event.listen(engine, "do_executemany", _on_executemany)
+    Does nothing (and returns an inert owner) when :data:`AVAILABLE` is false.
+    """
+    fast = FastBegin(begin_statements)
+    if AVAILABLE:
+        event.listen(engine, "do_execute", fast.execute)
+        event.listen(engine, "do_execute_no_params", fast.execute_no_params)
+        event.listen(engine, "do_executemany", fast.executemany)
+    return fast

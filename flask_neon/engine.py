@@ -10,9 +10,9 @@ The events installed here are the reason flask-neon survives Neon's failure mode
   that are waking up;
 * fork safety: a forked child never touches its parent's sockets.
 
-With ``DB_FAST_BEGIN``, connections are :class:`~flask_neon.driver.NeonConnection` and
-:func:`flask_neon.driver.install` sends ``BEGIN`` and, through a pooler, the ``SET LOCAL``
-limits with each transaction's first statement.
+With ``DB_FAST_BEGIN``, :func:`flask_neon.driver.install` sends ``BEGIN`` and, through a
+pooler, the ``SET LOCAL`` limits with each transaction's first statement; the connections stay
+psycopg2's own.
 """
 
 from __future__ import annotations
@@ -83,9 +83,7 @@ def make_engine(
     mode = limits_mode(settings, pooled)
     limits = limit_parameters(settings)
     connect_args = _connect_args(url, settings, application_name)
-    fast_begin = settings.fast_begin and "connection_factory" not in connect_args
-    if fast_begin:
-        connect_args["connection_factory"] = driver.NeonConnection
+    fast_begin = settings.fast_begin and driver.AVAILABLE
     if mode == "startup" and limits:
         flags = " ".join(f"-c {name}={value}" for name, value in limits.items())
         user_options = url.query_dict.get("options", "")
@@ -107,10 +105,18 @@ def make_engine(
         hide_parameters=True,
         connect_args=connect_args,
     )
+    # A pooler drops session state after each transaction, so the limits are set per
+    # transaction. SET LOCAL ends with the transaction and never leaks to another client.
+    per_transaction = (
+        "".join(f"SET LOCAL {name} = {int(value)}; " for name, value in limits.items())
+        if mode == "transaction"
+        else ""
+    )
     if fast_begin:
-        driver.install(engine)
-    if mode == "transaction" and limits:
-        _install_per_transaction_limits(engine, limits, fast_begin=fast_begin)
+        # They travel with BEGIN and the first statement: no extra round trip.
+        driver.install(engine, per_transaction)
+    elif per_transaction:
+        _install_per_transaction_limits(engine, per_transaction)
     _install_liveness_check(engine, settings.ping_after_idle)
     _install_connect_retry(engine, settings, url.secrets())
     _register(engine)
@@ -134,25 +140,12 @@ def _connect_args(
     return {key: value for key, value in defaults.items() if key not in query}
 
 
-def _install_per_transaction_limits(
-    engine: sa.Engine, limits: dict[str, str], *, fast_begin: bool
-) -> None:
-    # A pooler drops session state after each transaction, so the limits are set per
-    # transaction. SET LOCAL ends with the transaction and never leaks to another client.
-    statements = "".join(f"SET LOCAL {name} = {int(value)}; " for name, value in limits.items())
-
-    if fast_begin:
-        # NeonConnection sends them with BEGIN and the first statement: no extra round trip.
-        @event.listens_for(engine, "connect")
-        def _remember_limits(dbapi_connection: t.Any, record: ConnectionPoolEntry) -> None:
-            if isinstance(dbapi_connection, driver.NeonConnection):
-                dbapi_connection.begin_statements = statements
-
-        return
-
+def _install_per_transaction_limits(engine: sa.Engine, statements: str) -> None:
     @event.listens_for(engine, "begin")
     def _set_local_limits(connection: sa.Connection) -> None:
-        connection.exec_driver_sql(statements)
+        # The statement that opened the transaction may ask for a server-side cursor; the
+        # limits must not inherit that (a SET cannot be DECLAREd).
+        connection.exec_driver_sql(statements, execution_options={"stream_results": False})
 
 
 def _install_liveness_check(engine: sa.Engine, ping_after_idle: float) -> None:

@@ -82,7 +82,8 @@ def local_pg() -> Iterator[LocalPostgres | None]:
     if os.environ.get(TEST_URL_ENV):
         yield None
         return
-    cluster = LocalPostgres().start()
+    # Two-phase commit needs prepared transactions (the parity tests use them).
+    cluster = LocalPostgres(settings={"max_prepared_transactions": "10"}).start()
     try:
         yield cluster
     finally:

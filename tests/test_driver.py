@@ -1,4 +1,5 @@
-"""The fast-BEGIN psycopg2 connection: fewer round trips, the same transaction semantics.
+"""Fast BEGIN: fewer round trips, the same transaction semantics (the full comparison with
+psycopg2's own handling is in test_driver_parity.py).
 
 Round trips are counted on the wire by the proxy, which records every Query message."""
 
@@ -7,13 +8,13 @@ from __future__ import annotations
 import io
 import typing as t
 
+import psycopg2.extensions as ext
 import pytest
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
 from flask import Flask
 
-from flask_neon import NeonDB
-from flask_neon.driver import NeonConnection
+from flask_neon import NeonDB, driver
 
 from .conftest import AppFactory, admin_execute
 from .proxy import FaultProxy
@@ -78,9 +79,17 @@ def count(engine: sa.Engine) -> int:
         return int(connection.exec_driver_sql("SELECT count(*) FROM t").scalar_one())
 
 
-def test_connections_are_neon_connections(engine: sa.Engine) -> None:
+def test_connections_stay_psycopg2s_own(engine: sa.Engine) -> None:
+    assert driver.AVAILABLE
     with engine.connect() as connection:
-        assert isinstance(connection.connection.dbapi_connection, NeonConnection)
+        raw = connection.connection.dbapi_connection
+        assert type(raw) is ext.connection
+        assert raw.status == ext.STATUS_READY
+        result = connection.exec_driver_sql("SELECT 1")
+        # The first statement carried the BEGIN, and psycopg2 knows a transaction is open.
+        assert result.cursor.query == b"BEGIN; SELECT 1"
+        assert raw.status == ext.STATUS_BEGIN
+        assert raw.get_transaction_status() == ext.TRANSACTION_STATUS_INTRANS
 
 
 def test_commit_and_rollback(engine: sa.Engine) -> None:
@@ -139,10 +148,9 @@ def test_executemany_and_server_side_cursors(engine: sa.Engine) -> None:
         )
         assert [row.id for row in streamed] == list(range(100))
         connection.commit()
-        # The connection is back to fast BEGIN afterwards.
         raw = connection.connection.dbapi_connection
-        assert isinstance(raw, NeonConnection)
-        assert not raw._fast
+        assert raw is not None
+        assert raw.status == ext.STATUS_READY
     assert count(engine) == 100
     with engine.connect() as connection:
         first = connection.execution_options(stream_results=True).execute(
