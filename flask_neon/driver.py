@@ -229,9 +229,10 @@ class FastBegin:
         return False
 
 
-def install(engine: sa.Engine, begin_statements: str = "") -> FastBegin:
+def install(engine: sa.Engine | type[sa.Engine], begin_statements: str = "") -> FastBegin:
     """Open ``engine``'s transactions with their first statement; return the events' owner.
 
+    ``engine`` may be the :class:`~sqlalchemy.engine.Engine` class itself: every engine then.
     Does nothing (and returns an inert owner) when :data:`AVAILABLE` is false.
     """
     fast = FastBegin(begin_statements)

@@ -27,10 +27,10 @@ from sentry_sdk.transport import Transport
 from flask_neon import driver
 
 from . import parity
-from .test_driver_parity import (  # noqa: F401 - parity_database is a fixture
+from .test_driver_parity import (  # noqa: F401 - the *_fixture function is a fixture
     World,
     make_world,
-    parity_database,
+    parity_database_fixture,
 )
 
 # The cases that go through SQLAlchemy's execution path, where fast BEGIN acts, and a few raw
@@ -130,7 +130,12 @@ def test_sentry_spans_and_breadcrumbs_show_the_sql_as_written(
         world.fast.dispose()
         sentry_sdk.get_client().close()
         sentry_sdk.get_global_scope().set_client(None)
-    items = [item.payload.json for e in transport.envelopes for item in e.items if item.payload.json]
+    items = [
+        item.payload.json
+        for envelope in transport.envelopes
+        for item in envelope.items
+        if item.payload.json
+    ]
     breadcrumbs = [
         crumb["message"]
         for item in items

@@ -1,0 +1,123 @@
+"""Run SQLAlchemy's own tests on fast BEGIN and on psycopg2's own BEGIN; compare the failures.
+
+    .venv/bin/python .ci/foreign_suites.py
+
+Downloads the source distribution of the installed SQLAlchemy version (its tests are not in
+the wheel; nothing is copied into this repository), starts a throwaway PostgreSQL cluster,
+and runs SQLAlchemy's PostgreSQL dialect tests and its engine and ORM transaction tests twice,
+side by side: once as they are, once with every engine's transactions opened by
+:func:`flask_neon.driver.install`. Fails when fast BEGIN fails a test that psycopg2's own
+handling passes. Tests that fail in both runs (environment differences, such as a missing
+collation) are reported and not counted.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import tarfile
+import tempfile
+import xml.etree.ElementTree as ET
+
+import sqlalchemy
+
+from flask_neon.localdb import LocalPostgres
+
+HERE = pathlib.Path(__file__).resolve().parent
+SUITES = [
+    "test/dialect/postgresql",
+    "test/engine/test_transaction.py",
+    "test/orm/test_transaction.py",
+]
+SETUP = [
+    "CREATE SCHEMA test_schema",
+    "CREATE SCHEMA test_schema_2",
+    "CREATE EXTENSION hstore",
+    "CREATE EXTENSION citext",
+]
+
+
+def sqlalchemy_source(workdir: pathlib.Path) -> pathlib.Path:
+    """Download and unpack the sdist of the installed SQLAlchemy."""
+    version = sqlalchemy.__version__
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "download", "-q", "--no-deps"),
+            *("--no-binary", ":all:", "-d", str(workdir), f"sqlalchemy=={version}"),
+        ],
+        check=True,
+    )
+    archive = next(workdir.glob(f"[sS][qQ][lL][aA]lchemy-{version}.tar.gz"))
+    with tarfile.open(archive) as tar:
+        tar.extractall(workdir, filter="data")
+    return workdir / f"sqlalchemy-{version}"
+
+
+def failures(report: pathlib.Path) -> tuple[int, set[str]]:
+    """Tests run and the ids of those that failed or errored, from a JUnit XML report."""
+    cases = list(ET.parse(report).getroot().iter("testcase"))
+    failed = {
+        f"{case.get('classname')}::{case.get('name')}"
+        for case in cases
+        if case.find("failure") is not None or case.find("error") is not None
+    }
+    ran = sum(1 for case in cases if case.find("skipped") is None)
+    return ran, failed
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="flask-neon-foreign-") as tmp:
+        workdir = pathlib.Path(tmp)
+        source = sqlalchemy_source(workdir)
+        settings = {"max_prepared_transactions": "10", "max_connections": "200"}
+        with LocalPostgres(settings=settings) as cluster:
+            runs = {}
+            for mode in ("plain", "fast"):
+                cluster.execute(f'CREATE DATABASE "sa_{mode}"')
+                for statement in SETUP:
+                    cluster.execute(statement, database=f"sa_{mode}")
+                dburi = (
+                    f"postgresql+psycopg2://{cluster.user}@{cluster.host}:{cluster.port}/sa_{mode}"
+                )
+                report = workdir / f"{mode}.xml"
+                plugin = ["-p", "fast_begin_plugin"] if mode == "fast" else []
+                count_file = workdir / "fast-begin-count"
+                env = {
+                    **os.environ,
+                    "PYTHONPATH": str(HERE),
+                    "FAST_BEGIN_COUNT_FILE": str(count_file),
+                }
+                command = [sys.executable, "-m", "pytest", *SUITES, "--dburi", dburi]
+                command += ["-q", "-p", "no:cacheprovider", "--junitxml", str(report), *plugin]
+                log = (workdir / f"{mode}.log").open("w")
+                runs[mode] = (
+                    subprocess.Popen(command, cwd=source, env=env, stdout=log, stderr=log),
+                    report,
+                    log,
+                )
+            for process, _, log in runs.values():
+                process.wait()
+                log.close()
+            (plain_ran, plain_failed), (fast_ran, fast_failed) = (
+                failures(report) for _, report, _ in runs.values()
+            )
+            opened = int(count_file.read_text())
+        new = sorted(fast_failed - plain_failed)
+        print(f"SQLAlchemy {sqlalchemy.__version__}: {', '.join(SUITES)}")
+        print(f"  psycopg2's own BEGIN: {plain_ran} run, {len(plain_failed)} failed")
+        print(f"  fast BEGIN:           {fast_ran} run, {len(fast_failed)} failed")
+        print(f"  transactions fast BEGIN opened: {opened}")
+        print(f"  failing only with fast BEGIN: {len(new)}")
+        for test in new:
+            print(f"    {test}")
+        for test in sorted(plain_failed & fast_failed):
+            print(f"  fails in both (not counted): {test}")
+        if new:
+            print((workdir / "fast.log").read_text()[-20000:])
+        return 1 if new or fast_ran != plain_ran or not opened else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
