@@ -47,48 +47,31 @@ CASES = [
 CASE_IDS = [case.__name__ for case in CASES]
 
 
-@pytest.fixture(scope="module")
+# Class-scoped: the instrumentation is on for the tests of TestUnderOpenTelemetry only.
+@pytest.fixture(scope="class")
 def spans() -> Iterator[InMemorySpanExporter]:
     """OpenTelemetry's psycopg2 and SQLAlchemy instrumentation, on for the module's engines."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    Psycopg2Instrumentor().instrument(tracer_provider=provider, skip_dep_check=True)
-    SQLAlchemyInstrumentor().instrument(tracer_provider=provider, skip_dep_check=True)
+    instrumentors = [Psycopg2Instrumentor(), SQLAlchemyInstrumentor()]
     try:
+        for instrumentor in instrumentors:
+            instrumentor.instrument(tracer_provider=provider, skip_dep_check=True)
         yield exporter
     finally:
-        SQLAlchemyInstrumentor().uninstrument()
-        Psycopg2Instrumentor().uninstrument()
+        # Left on, they would trace (and change the cursor class of) every later test.
+        for instrumentor in instrumentors:
+            if instrumentor.is_instrumented_by_opentelemetry:
+                instrumentor.uninstrument()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="class")
 def traced(parity_database: str, spans: InMemorySpanExporter) -> Iterator[World]:
     world = make_world(parity_database, parity_database, fast_expected=False)
     yield world
     world.plain.dispose()
     world.fast.dispose()
-
-
-@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
-def test_same_outcome_under_opentelemetry(case: parity.Case, traced: World) -> None:
-    expected = parity.outcome(case, traced.plain, traced.url)
-    actual = parity.outcome(case, traced.fast, traced.url)
-    assert actual == expected
-
-
-def test_spans_show_the_sql_as_written(traced: World, spans: InMemorySpanExporter) -> None:
-    parity.reset_database(traced.url)
-    spans.clear()
-    with traced.fast.connect() as connection:
-        connection.exec_driver_sql("INSERT INTO t VALUES (1, 'a')")
-        connection.rollback()
-    statements = [span.attributes.get("db.statement") for span in spans.get_finished_spans()]
-    assert "INSERT INTO t VALUES (1, 'a')" in statements
-    assert not [s for s in statements if str(s).startswith("BEGIN;")]
-    # Both tools recorded the statement: SQLAlchemy's span and psycopg2's cursor span.
-    assert statements.count("INSERT INTO t VALUES (1, 'a')") == 2
-    assert parity.kept(traced.url)["t"] == []
 
 
 # -- Sentry -------------------------------------------------------------------------------------
@@ -205,20 +188,42 @@ def test_sqlalchemy_echo_logs_the_sql_as_written(
     assert not [m for m in messages if "BEGIN;" in m]
 
 
-def test_a_request_that_does_not_commit_leaves_nothing_under_opentelemetry(
-    traced: World, make_app: t.Any
-) -> None:
-    # The failure that opened the driver issue: with psycopg2 instrumented, db.session's
-    # statements autocommitted, so neither rollback() nor the teardown undid anything.
-    parity.reset_database(traced.url)
-    app, db = make_app(traced.url)
+class TestUnderOpenTelemetry:
+    @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+    def test_same_outcome(self, case: parity.Case, traced: World) -> None:
+        expected = parity.outcome(case, traced.plain, traced.url)
+        actual = parity.outcome(case, traced.fast, traced.url)
+        assert actual == expected
 
-    @app.post("/write")
-    def write() -> str:
-        db.session.execute(sa.text("INSERT INTO t VALUES (1, 'rolled back')"))
-        db.session.rollback()
-        db.session.execute(sa.text("INSERT INTO t VALUES (2, 'never committed')"))
-        return "ok"
+    def test_spans_show_the_sql_as_written(
+        self, traced: World, spans: InMemorySpanExporter
+    ) -> None:
+        parity.reset_database(traced.url)
+        spans.clear()
+        with traced.fast.connect() as connection:
+            connection.exec_driver_sql("INSERT INTO t VALUES (1, 'a')")
+            connection.rollback()
+        statements = [span.attributes.get("db.statement") for span in spans.get_finished_spans()]
+        assert "INSERT INTO t VALUES (1, 'a')" in statements
+        assert not [s for s in statements if str(s).startswith("BEGIN;")]
+        # Both tools recorded the statement: SQLAlchemy's span and psycopg2's cursor span.
+        assert statements.count("INSERT INTO t VALUES (1, 'a')") == 2
+        assert parity.kept(traced.url)["t"] == []
 
-    assert app.test_client().post("/write").status_code == 200
-    assert parity.kept(traced.url)["t"] == []
+    def test_a_request_that_does_not_commit_leaves_nothing(
+        self, traced: World, make_app: t.Any
+    ) -> None:
+        # The failure that opened the driver issue: with psycopg2 instrumented, db.session's
+        # statements autocommitted, so neither rollback() nor the teardown undid anything.
+        parity.reset_database(traced.url)
+        app, db = make_app(traced.url)
+
+        @app.post("/write")
+        def write() -> str:
+            db.session.execute(sa.text("INSERT INTO t VALUES (1, 'rolled back')"))
+            db.session.rollback()
+            db.session.execute(sa.text("INSERT INTO t VALUES (2, 'never committed')"))
+            return "ok"
+
+        assert app.test_client().post("/write").status_code == 200
+        assert parity.kept(traced.url)["t"] == []
