@@ -23,7 +23,7 @@ import xml.etree.ElementTree as ET
 
 import sqlalchemy
 
-from flask_neon.localdb import LocalPostgres
+from flask_neon.local import LocalPostgres
 
 HERE = pathlib.Path(__file__).resolve().parent
 SUITES = [

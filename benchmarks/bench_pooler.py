@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from bench_requests import caller  # noqa: E402
 
 from flask_neon import NeonDB  # noqa: E402
-from flask_neon.localdb import LocalPostgres  # noqa: E402
+from flask_neon.local import LocalPostgres  # noqa: E402
 from tests.servers import PgBouncer  # noqa: E402
 
 

@@ -306,7 +306,7 @@ def database() -> Iterator[str]:
     if url:
         yield url
         return
-    from flask_neon.localdb import LocalPostgres, LocalPostgresError
+    from flask_neon.local import LocalPostgres, LocalPostgresError
 
     try:
         cluster = LocalPostgres().start()

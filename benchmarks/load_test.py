@@ -413,7 +413,7 @@ def database() -> Iterator[tuple[str, bool]]:
     if url:
         yield url, False
         return
-    from flask_neon.localdb import LocalPostgres, LocalPostgresError
+    from flask_neon.local import LocalPostgres, LocalPostgresError
 
     cluster = LocalPostgres()
     try:

@@ -1,7 +1,7 @@
 """A local PostgreSQL for development, so that the app runs with no database set up.
 
 When no ``DB_URL`` is configured, :func:`use_local_database` runs a private server (with
-:class:`flask_neon.localdb.LocalPostgres`) whose data lives in ``instance/pgdata``, so notes
+:class:`flask_neon.local.LocalPostgres`) whose data lives in ``instance/pgdata``, so notes
 survive restarts. The process that starts the server stops it at exit; a process that finds
 it already running (the child that ``flask run --debug`` reloads, a second ``flask`` command)
 uses it and leaves it running.
@@ -18,7 +18,8 @@ import sqlalchemy as sa
 from dotenv import dotenv_values
 from flask import Flask
 
-from flask_neon.localdb import LocalPostgres
+if t.TYPE_CHECKING:
+    from flask_neon.local import LocalPostgres
 
 #: The database created for the app on the local server.
 DATABASE = "example_app"
@@ -48,7 +49,7 @@ def use_local_database(app: Flask) -> LocalPostgres | None:
         its ``stop()``), ``None`` if it was already running.
 
     Raises:
-        flask_neon.localdb.LocalPostgresError: no PostgreSQL installation was found or the
+        flask_neon.local.LocalPostgresError: no PostgreSQL installation was found or the
             server failed to start; the message says what to install or set.
     """
     data_dir = pathlib.Path(app.instance_path) / "pgdata"
@@ -64,6 +65,9 @@ def use_local_database(app: Flask) -> LocalPostgres | None:
             data_dir,
         )
         return None
+
+    # Imported here, when needed: an app with DB_URL set never loads the local server code.
+    from flask_neon.local import LocalPostgres
 
     # LocalPostgres stops the server at interpreter exit by itself, and only in the process
     # that started it, so a reloaded child never stops its parent's server.

@@ -1,4 +1,16 @@
-"""flask-neon: a correct, fast and safe PostgreSQL connection for Flask, Neon first of all."""
+"""flask-neon: a correct, fast and safe PostgreSQL connection for Flask, Neon first of all.
+
+What an application types::
+
+    from flask_neon import NeonDB
+
+    db = NeonDB(app)        # or NeonDB() and db.init_app(app) in an app factory
+
+The settings class (``NeonSettings``, every ``DB_*`` key) and the errors flask-neon raises are
+exported too. Test support lives in :mod:`flask_neon.testing` (a pytest plugin), the local
+PostgreSQL for development in :mod:`flask_neon.local`; fast BEGIN for an engine of your own in
+:mod:`flask_neon.driver`.
+"""
 
 from .errors import (
     DatabaseUnavailableError,
@@ -6,16 +18,13 @@ from .errors import (
     NeonConfigError,
     NeonError,
     NeonStateError,
-    classify,
 )
 from .extension import NeonDB
 from .settings import NeonSettings
-from .url import DatabaseURL, parse_url
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DatabaseURL",
     "DatabaseUnavailableError",
     "ErrorCause",
     "NeonConfigError",
@@ -23,6 +32,4 @@ __all__ = [
     "NeonError",
     "NeonSettings",
     "NeonStateError",
-    "classify",
-    "parse_url",
 ]

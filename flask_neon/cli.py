@@ -10,25 +10,20 @@ through :func:`~flask_neon.errors.classify`, which masks the secrets of every UR
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-import random
 import time
 import typing as t
 
 import click
 from click.core import ParameterSource
 from flask.cli import AppGroup, NoAppException, with_appcontext
-from pydantic import SecretStr
 
-from .errors import ErrorCause, NeonConfigError, NeonError, NeonStateError
-from .health import ProbeResult
-from .settings import NeonSettings, key_for
-from .url import MASK, DatabaseURL, parse_url
-
-if t.TYPE_CHECKING:
-    from .extension import NeonState
+from . import reports
+from .errors import NeonConfigError, NeonStateError
+from .retry import Backoff
+from .settings import key_for
+from .state import NeonState, current_state
 
 
 class CLIConfigError(NeonConfigError, NoAppException):
@@ -42,23 +37,7 @@ class CLIConfigError(NeonConfigError, NoAppException):
         NoAppException.__init__(self, message)
 
 
-#: Backoff of ``--wait``: the first pause is at most this long, each one doubles, up to the cap.
-BACKOFF_START = 0.2
-BACKOFF_CAP = 2.0
-#: Causes that waiting cannot fix: ``--wait`` reports them at once instead of retrying.
-FINAL_CAUSES = frozenset(
-    {
-        "auth_failed",
-        "role_missing",
-        "database_missing",
-        "cert_verify_failed",
-        "tls_required",
-        "endpoint_id_missing",
-        "pooler_rejected_parameter",
-    }
-)
 _JSON_META = "flask_neon.db_check.json"
-_LABEL_WIDTH = 17
 
 
 class _Seconds(click.FloatRange):
@@ -134,7 +113,7 @@ def db_check(ctx: click.Context, as_json: bool, timeout: float | None, wait: flo
     if as_json:
         click.echo(json.dumps(report, indent=2))
     else:
-        for line in _check_lines(report):
+        for line in reports.check_lines(report):
             click.echo(line)
         cause = report["cause"]
         if cause is not None:
@@ -161,7 +140,7 @@ def pool_command(as_json: bool) -> None:
         click.echo(json.dumps(stats, indent=2))
         return
     for key, value in stats.items():
-        click.echo(_line(key.replace("_", " "), _render(value)))
+        click.echo(reports.line(key.replace("_", " "), reports.render(value)))
 
 
 @db_check.command("config")
@@ -176,7 +155,7 @@ def config_command(as_json: bool) -> None:
     database.
     """
     state = _state()
-    settings = _setting_rows(state)
+    settings = reports.setting_rows(state)
     profile = settings[key_for("profile")]
     pool = {
         name: {"value": value, "source": state.pool.sources.get(name, "derived")}
@@ -193,14 +172,10 @@ def config_command(as_json: bool) -> None:
         click.echo(json.dumps(body, indent=2))
         return
     click.echo("Settings:")
-    click.echo(
-        _table([(key, _render(row["value"]), row["source"]) for key, row in settings.items()])
-    )
+    click.echo(reports.table(settings))
     click.echo(f"Pool (profile {profile['value']}, from {profile['source']}):")
-    click.echo(
-        _table([(name, _render(row["value"]), row["source"]) for name, row in pool.items()])
-    )
-    click.echo(_line("Session limits", _configured_limits(state.session_limits)))
+    click.echo(reports.table(pool))
+    click.echo(reports.line("Session limits", reports.configured_limits(state.session_limits)))
 
 
 # -- the check -----------------------------------------------------------------------------------
@@ -216,174 +191,30 @@ def _run_check(
     # another thread beside it.
     checker = state.admin.health
     checked_url = state.admin.url
-    deadline = time.monotonic() + wait
-    attempts = 0
+    backoff = Backoff(time.monotonic() + wait)
     while True:
-        attempts += 1
         result, _ = checker.check(use_cache=False, timeout=timeout)
         cause = result.cause
-        now = time.monotonic()
-        if result.healthy or cause is None or now >= deadline or cause.name in FINAL_CAUSES:
+        # Only what waiting can fix is waited for (a wrong password is reported at once).
+        if cause is None or not cause.transient:
             break
-        ceiling = min(BACKOFF_CAP, BACKOFF_START * 2 ** (attempts - 1))
-        # Jitter in the upper half: many containers started together spread out, yet each
-        # one still backs off.
-        delay = min(random.uniform(ceiling / 2, ceiling), deadline - now)
+        delay = backoff.next_delay()
+        if delay is None:
+            break
         if not as_json:
             click.echo(
-                f"attempt {attempts}: {cause.name} ({cause.title}); retrying in {delay:.2f} s",
+                f"attempt {backoff.attempts - 1}: {cause.name} ({cause.title}); "
+                f"retrying in {delay:.2f} s",
                 err=True,
             )
         time.sleep(delay)
-    return _report(state, result, attempts, checked_url, timeout)
-
-
-def _report(
-    state: NeonState,
-    result: ProbeResult,
-    attempts: int,
-    checked_url: DatabaseURL,
-    timeout: float,
-) -> dict[str, t.Any]:
-    limits = state.session_limits
-    return {
-        "reachable": result.healthy,
-        "latency_ms": result.latency_ms,
-        "server_version": result.server_version,
-        "database": result.database,
-        "user": result.user,
-        "url": state.url.masked(),
-        "host_kind": "pooled" if state.pooled else "direct",
-        "checked_url": checked_url.masked(),
-        "tls": {"enabled": result.tls, "version": result.tls_version, "cipher": result.tls_cipher},
-        "in_recovery": result.in_recovery,
-        "profile": state.pool.profile,
-        "pool": state.pool.as_dict(),
-        "session_limits": {
-            "mode": limits["mode"],
-            "statement_timeout": result.statement_timeout,
-            "idle_in_transaction_session_timeout": result.idle_in_transaction_session_timeout,
-            "configured": {name: value for name, value in limits.items() if name != "mode"},
-        },
-        "cause": _cause(result.cause, timeout),
-        "attempts": attempts,
-    }
-
-
-def _cause(cause: ErrorCause | None, timeout: float) -> dict[str, str] | None:
-    if cause is None:
-        return None
-    if cause.name == "health_timeout":
-        # The health checker words it for the /health route; here --timeout set the bound.
-        cause = dataclasses.replace(
-            cause,
-            title=f"The database did not answer within {timeout:g} s (--timeout)",
-            hint=f"{cause.hint} A waking Neon compute may need 10-15 s: raise --timeout.",
-        )
-    # The detail was masked by classify() with every secret of the app's URLs.
-    return {name: getattr(cause, name) for name in ("name", "title", "hint", "detail")}
-
-
-def _check_lines(report: dict[str, t.Any]) -> list[str]:
-    """The human rendering of a check report; the error line is printed by the caller."""
-    reachable = report["reachable"]
-    attempts = report["attempts"]
-    tries = f" (attempt {attempts})" if reachable else f" (after {attempts} attempts)"
-    lines = [
-        _line("reachable", ("yes" if reachable else "no") + (tries if attempts > 1 else "")),
-        _line("latency", f"{report['latency_ms']:.2f} ms"),
-    ]
-    if reachable:
-        lines += [
-            _line("server version", report["server_version"]),
-            _line("database", report["database"]),
-            _line("user", report["user"]),
-            _line("in recovery", "yes (read-only standby)" if report["in_recovery"] else "no"),
-        ]
-    lines += [_line("url", report["url"]), _line("host kind", report["host_kind"])]
-    if report["checked_url"] != report["url"]:
-        lines.append(_line("checked via", f"{report['checked_url']} (direct host)"))
-    tls = report["tls"]
-    if reachable:
-        shown = f"on, {tls['version']}, {tls['cipher']}" if tls["enabled"] else "off"
-        lines.append(_line("tls", shown))
-    pool = report["pool"]
-    lines += [
-        _line("profile", report["profile"]),
-        _line("pool", ", ".join(f"{k}={v}" for k, v in pool.items() if k != "profile")),
-    ]
-    limits = report["session_limits"]
-    if reachable:
-        shown = (
-            f"statement_timeout={limits['statement_timeout']}, idle_in_transaction_session_"
-            f"timeout={limits['idle_in_transaction_session_timeout']} (mode: {limits['mode']})"
-        )
-    else:
-        shown = _configured_limits({"mode": limits["mode"], **limits["configured"]})
-    lines.append(_line("session limits", shown))
-    cause = report["cause"]
-    if cause is not None and cause["detail"]:
-        lines.append(_line("detail", cause["detail"]))
-    return lines
-
-
-# -- config --------------------------------------------------------------------------------------
-
-
-def _setting_rows(state: NeonState) -> dict[str, dict[str, t.Any]]:
-    """``{"DB_POOL_SIZE": {"value": 5, "source": "default"}, ...}`` with effective values."""
-    rows: dict[str, dict[str, t.Any]] = {}
-    for name in NeonSettings.model_fields:
-        value: t.Any = getattr(state.settings, name)
-        source: str = state.loaded.sources.get(name, "default")
-        if name == "url":
-            value = state.url.masked()
-        elif isinstance(value, SecretStr):
-            value = _masked_url(value)
-        elif value is None:
-            # Unset means "the profile decides": show what was decided, not a bare None.
-            value, source = _derived(state, name, value, source)
-        rows[key_for(name)] = {"value": value, "source": source}
-    return rows
-
-
-def _derived(state: NeonState, name: str, value: t.Any, source: str) -> tuple[t.Any, str]:
-    if name == "profile":
-        # init_app picks development for an app in debug mode, else production.
-        profile = state.pool.profile
-        return profile, "app.debug" if profile == "development" else "default"
-    if name == "health_details":
-        return state.health_details, "profile"
-    if name == "leak_threshold":
-        return state.monitor.leak_threshold or 0.0, "profile"
-    if name == "require_tls":
-        return state.require_tls, "profile"
-    if name == "pooled":
-        # Unset: decided by the DB_URL host (a Neon -pooler host is pooled).
-        return state.pooled, "derived"
-    return value, source
-
-
-def _masked_url(value: SecretStr) -> str:
-    """A URL setting with its password masked; an unparsable one entirely."""
-    try:
-        return parse_url(value.get_secret_value()).masked()
-    except NeonError:
-        return MASK
-
-
-def _configured_limits(limits: dict[str, t.Any]) -> str:
-    values = [f"{name}={value} ms" for name, value in limits.items() if name != "mode"]
-    return f"{', '.join(values) or 'none'} (mode: {limits['mode']}, configured)"
+    return reports.report(state, result, backoff.attempts, checked_url, timeout)
 
 
 # -- helpers -------------------------------------------------------------------------------------
 
 
 def _state() -> NeonState:
-    # Imported here: extension.py imports this module to register the command.
-    from .extension import current_state
-
     try:
         return current_state()
     except NeonStateError as exc:
@@ -393,25 +224,6 @@ def _state() -> NeonState:
 def _want_json(as_json: bool) -> bool:
     """``--json`` given to the subcommand or to the group (``flask db-check --json pool``)."""
     return as_json or bool(click.get_current_context().meta.get(_JSON_META))
-
-
-def _render(value: t.Any) -> str:
-    if value is None:
-        return "(unset)"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
-def _line(label: str, value: t.Any) -> str:
-    return f"{label + ':':<{_LABEL_WIDTH}}{_render(value)}"
-
-
-def _table(rows: list[tuple[str, str, str]]) -> str:
-    widths = [max(len(row[i]) for row in rows) for i in range(2)]
-    return "\n".join(
-        f"  {key:<{widths[0]}}  {value:<{widths[1]}}  {source}" for key, value, source in rows
-    )
 
 
 __all__ = ["db_check"]

@@ -20,7 +20,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import random
 import select
 import time
 import typing as t
@@ -35,17 +34,14 @@ from . import driver
 from .errors import classify
 from .monitoring import MeasuredQueuePool
 from .profiles import PoolConfig
+from .retry import Backoff
 from .settings import NeonSettings
 from .url import DatabaseURL
 
 log = logging.getLogger("flask_neon")
 
-#: Causes worth another connect attempt: the server may answer a moment later.
-RETRYABLE_CONNECT_CAUSES = frozenset({"connection_refused", "compute_waking", "connection_lost"})
 _LAST_CHECKIN = "flask_neon.last_checkin"
 _POLLER = "flask_neon.poller"
-_BACKOFF_BASE = 0.1
-_BACKOFF_CAP = 2.0
 # libpq rounds connect_timeout down to whole seconds and treats anything below 2 as 2.
 _MIN_ATTEMPT_SECONDS = 2
 
@@ -219,26 +215,21 @@ def _install_connect_retry(engine: sa.Engine, settings: NeonSettings, secrets: l
         cparams: dict[str, t.Any],
     ) -> t.Any:
         started = time.monotonic()
-        attempt = 0
+        # The last attempt must still get libpq's shortest connect_timeout before the end.
+        backoff = Backoff(min(started + budget, started + total - _MIN_ATTEMPT_SECONDS), base=0.1)
         while True:
             remaining = total - (time.monotonic() - started)
             params = {**cparams, "connect_timeout": max(_MIN_ATTEMPT_SECONDS, int(remaining))}
             try:
                 return dialect.connect(*cargs, **params)
             except Exception as exc:
-                attempt += 1
                 cause = classify(exc, secrets)
-                delay = random.uniform(0, min(_BACKOFF_CAP, _BACKOFF_BASE * 2**attempt))
-                elapsed = time.monotonic() - started + delay
-                if (
-                    cause.name not in RETRYABLE_CONNECT_CAUSES
-                    or elapsed >= budget
-                    or total - elapsed < _MIN_ATTEMPT_SECONDS
-                ):
+                delay = backoff.next_delay() if cause.transient else None
+                if delay is None:
                     raise
                 log.info(
                     "flask-neon: connect attempt %d failed (%s); retrying in %.2fs",
-                    attempt,
+                    backoff.attempts - 1,
                     cause.title,
                     delay,
                 )

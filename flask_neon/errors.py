@@ -54,7 +54,9 @@ class ErrorCause:
         title: One line saying what went wrong.
         hint: What to do about it.
         detail: The driver's own message with secrets masked (may be empty).
-        transient: True when retrying later can succeed without anyone changing anything.
+        transient: True when retrying later can succeed without anyone changing anything. The
+            one switch for every policy: connects are retried, ``flask db-check --wait``
+            waits, and a request that fails with it is answered ``503`` with ``Retry-After``.
         sqlstate: The server's SQLSTATE when it sent one.
     """
 
@@ -211,7 +213,8 @@ _RULES: tuple[_Rule, ...] = (
         "unknown_host",
         "The host name does not resolve",
         "Check the host in DB_URL (copy it again from the Neon console) and this machine's DNS.",
-        transient=False,
+        # A resolver hiccup, or a service that is not up yet (compose, CI): worth a retry.
+        transient=True,
         patterns=(r"could not translate host name", r"name or service not known"),
     ),
     _Rule(

@@ -3,29 +3,27 @@
 from __future__ import annotations
 
 import logging
+import typing as t
 
 import sqlalchemy.exc as sa_exc
 from flask import Flask, Response, jsonify
 
 from .errors import DatabaseUnavailableError, classify
+from .state import current_state
 
 log = logging.getLogger("flask_neon")
 
-#: Causes that mean "try again later", answered with 503; anything else stays a 500.
-UNAVAILABLE_CAUSES = frozenset(
-    {
-        "pool_exhausted",
-        "compute_waking",
-        "connection_refused",
-        "connect_timeout",
-        "connection_lost",
-        "too_many_connections",
-        "unknown_host",
-        "tls_failed",
-        "idle_in_transaction_timeout",
-    }
-)
-RETRY_AFTER_SECONDS = 5
+
+def json_response(
+    body: dict[str, t.Any], status: int, *, retry_after: int | None = None
+) -> Response:
+    """A JSON answer that no cache keeps; a ``503`` says when to try again (``DB_RETRY_AFTER``)."""
+    response = jsonify(body)
+    response.status_code = status
+    response.headers["Cache-Control"] = "no-store"
+    if status == 503 and retry_after is not None:
+        response.headers["Retry-After"] = str(retry_after)
+    return response
 
 
 def register_error_handlers(app: Flask) -> None:
@@ -37,23 +35,17 @@ def register_error_handlers(app: Flask) -> None:
 
 
 def _handle(error: Exception) -> Response:
-    from .extension import current_state
-
     state = current_state()
     if isinstance(error, DatabaseUnavailableError):
         cause = error.cause
     else:
-        cause = classify(error, state.url.secrets())
-    if cause.name not in UNAVAILABLE_CAUSES:
+        cause = classify(error, state.secrets())
+    if not cause.transient:
         # Not an outage (a statement timeout, a bug): Flask's usual 500 handling applies.
         raise error
     log.error(
         "flask-neon: database unavailable (%s): %s. %s", cause.name, cause.title, cause.detail
     )
-    response = jsonify(
-        {"error": "database unavailable", "cause": cause.name, "retry_after": RETRY_AFTER_SECONDS}
-    )
-    response.status_code = 503
-    response.headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
-    response.headers["Cache-Control"] = "no-store"
-    return response
+    retry_after = state.settings.retry_after
+    body = {"error": "database unavailable", "cause": cause.name, "retry_after": retry_after}
+    return json_response(body, 503, retry_after=retry_after)

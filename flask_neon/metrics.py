@@ -25,9 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import QueuePool
 
 from .errors import NeonConfigError
-
-if t.TYPE_CHECKING:
-    from .monitoring import PoolMonitor
+from .monitoring import PoolMonitor
 
 #: Checkout waits of interest: a free connection (under 1 ms) up to a 30 s pool timeout.
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -83,28 +81,41 @@ def _metric_families() -> dict[str, t.Any]:
 
 
 class PoolMetrics:
-    """The metrics of one app's pool; :class:`~flask_neon.monitoring.PoolMonitor` feeds it."""
+    """The metrics of one app's pool: an observer of its :class:`PoolMonitor`."""
 
     def __init__(self, app_name: str) -> None:
         families = _metric_families()
-        self.idle = families["connections"].labels(app=app_name, state="idle")
-        self.used = families["connections"].labels(app=app_name, state="used")
-        self.opened = families["opened"].labels(app=app_name)
-        self.checkouts = families["checkouts"].labels(app=app_name)
-        self.timeouts = families["timeouts"].labels(app=app_name)
-        self.invalidations = families["invalidations"].labels(app=app_name)
-        self.wait = families["wait"].labels(app=app_name)
+        self._idle = families["connections"].labels(app=app_name, state="idle")
+        self._used = families["connections"].labels(app=app_name, state="used")
+        self._opened = families["opened"].labels(app=app_name)
+        self._checkouts = families["checkouts"].labels(app=app_name)
+        self._timeouts = families["timeouts"].labels(app=app_name)
+        self._invalidations = families["invalidations"].labels(app=app_name)
+        self._wait = families["wait"].labels(app=app_name)
 
-    def refresh(self, pool: QueuePool) -> None:
-        """Set the connection gauges; the pool calls it after each checkout and return."""
-        self.used.set(pool.checkedout())
-        self.idle.set(pool.checkedin())
+    def opened(self) -> None:
+        self._opened.inc()
+
+    def invalidated(self) -> None:
+        self._invalidations.inc()
+
+    def checked_out(self, pool: QueuePool, waited: float, timed_out: bool) -> None:
+        self._checkouts.inc()
+        self._wait.observe(waited)
+        if timed_out:
+            self._timeouts.inc()
+        self.returned(pool)
+
+    def returned(self, pool: QueuePool) -> None:
+        """Set the connection gauges from the pool."""
+        self._used.set(pool.checkedout())
+        self._idle.set(pool.checkedin())
 
 
 def install_metrics(engine: sa.Engine, monitor: PoolMonitor, app_name: str) -> PoolMetrics:
     """Export ``engine``'s pool as Prometheus metrics labelled with ``app_name``."""
     metrics = PoolMetrics(app_name)
     if isinstance(engine.pool, QueuePool):
-        metrics.refresh(engine.pool)
-    monitor.metrics = metrics
+        metrics.returned(engine.pool)
+    monitor.observers.append(metrics)
     return metrics

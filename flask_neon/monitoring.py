@@ -19,18 +19,38 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
-if t.TYPE_CHECKING:
-    from .metrics import PoolMetrics
-
 log = logging.getLogger("flask_neon")
 
 _CHECKOUT_INFO = "flask_neon.checkout"
-# Frames from these packages are plumbing; the code location of a leak is the first other one.
-_PLUMBING = ("sqlalchemy", "flask_neon", "flask", "werkzeug", "contextlib", "threading")
+# Frames from these packages are plumbing (tracing tools wrap SQLAlchemy's calls); the code
+# location of a leak is the first other one.
+_PLUMBING = (
+    "sqlalchemy",
+    "flask_neon",
+    "flask",
+    "werkzeug",
+    "contextlib",
+    "threading",
+    "opentelemetry",
+    "sentry_sdk",
+    "wrapt",
+)
+
+
+class PoolObserver(t.Protocol):
+    """Told of every pool event :class:`PoolMonitor` counts (the Prometheus exporter is one)."""
+
+    def opened(self) -> None: ...
+
+    def invalidated(self) -> None: ...
+
+    def checked_out(self, pool: QueuePool, waited: float, timed_out: bool) -> None: ...
+
+    def returned(self, pool: QueuePool) -> None: ...
 
 
 class MeasuredQueuePool(QueuePool):
-    """A QueuePool that counts checkout timeouts and the time spent waiting for a connection."""
+    """A QueuePool that reports each checkout, its wait and its timeout to its monitor."""
 
     monitor: PoolMonitor | None = None
 
@@ -40,28 +60,20 @@ class MeasuredQueuePool(QueuePool):
             return super()._do_get()
         started = time.perf_counter()
         # Counted here rather than in a checkout listener: one less event per request.
-        monitor.checkouts += 1
+        timed_out = False
         try:
-            record = super()._do_get()
-            if monitor.metrics is not None:
-                monitor.metrics.refresh(self)
-            return record
+            return super()._do_get()
         except sa.exc.TimeoutError:
-            monitor.checkout_timeouts += 1
-            if monitor.metrics is not None:
-                monitor.metrics.timeouts.inc()
+            timed_out = True
             raise
         finally:
-            waited = time.perf_counter() - started
-            monitor.checkout_wait_seconds += waited
-            if monitor.metrics is not None:
-                monitor.metrics.checkouts.inc()
-                monitor.metrics.wait.observe(waited)
+            monitor.checked_out(self, time.perf_counter() - started, timed_out)
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         super()._do_return_conn(record)
-        if self.monitor is not None and self.monitor.metrics is not None:
-            self.monitor.metrics.refresh(self)
+        if self.monitor is not None:
+            for observer in self.monitor.observers:
+                observer.returned(self)
 
     def recreate(self) -> QueuePool:
         pool = t.cast(MeasuredQueuePool, super().recreate())
@@ -92,11 +104,17 @@ class _Checkout:
 
 
 class PoolMonitor:
-    """Counters and leak tracking for one engine's pool, installed with :meth:`install`."""
+    """Pool statistics, counters and leak tracking for one engine, installed with :meth:`install`.
 
-    def __init__(self, leak_threshold: float | None = None) -> None:
+    Args:
+        max_overflow: The pool's ``max_overflow``, for its capacity.
+        leak_threshold: Seconds after which a checked-out connection counts as leaked.
+    """
+
+    def __init__(self, max_overflow: int = 0, leak_threshold: float | None = None) -> None:
+        self.max_overflow = max_overflow
         self.leak_threshold = leak_threshold or None
-        self.metrics: PoolMetrics | None = None
+        self.observers: list[PoolObserver] = []
         self.connections_opened = 0
         self.checkouts = 0
         self.invalidations = 0
@@ -119,17 +137,25 @@ class PoolMonitor:
 
     # -- events ----------------------------------------------------------------------------------
 
+    def checked_out(self, pool: QueuePool, waited: float, timed_out: bool) -> None:
+        """Count a checkout (called by :class:`MeasuredQueuePool`)."""
+        self.checkouts += 1
+        self.checkout_timeouts += timed_out
+        self.checkout_wait_seconds += waited
+        for observer in self.observers:
+            observer.checked_out(pool, waited, timed_out)
+
     def _on_connect(self, dbapi_connection: t.Any, record: ConnectionPoolEntry) -> None:
         self.connections_opened += 1
-        if self.metrics is not None:
-            self.metrics.opened.inc()
+        for observer in self.observers:
+            observer.opened()
 
     def _on_invalidate(
         self, dbapi_connection: t.Any, record: ConnectionPoolEntry, exception: BaseException | None
     ) -> None:
         self.invalidations += 1
-        if self.metrics is not None:
-            self.metrics.invalidations.inc()
+        for observer in self.observers:
+            observer.invalidated()
 
     def _on_checkout(
         self, dbapi_connection: t.Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
@@ -213,7 +239,7 @@ class PoolMonitor:
             checked_out = pool.checkedout()
             checked_in = pool.checkedin()
             overflow = max(0, pool.overflow())
-            capacity = size + max(0, pool._max_overflow)
+            capacity = size + max(0, self.max_overflow)
         else:  # pragma: no cover - flask-neon always builds a QueuePool
             size = capacity = checked_in = overflow = 0
             checked_out = 0

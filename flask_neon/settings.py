@@ -7,15 +7,10 @@ file, then the default. Every key starts with ``DB_``; the model's field ``pool_
 
 from __future__ import annotations
 
-import dataclasses
-import os
 import typing as t
 
-import annotated_types
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
-
-from .errors import NeonConfigError
 
 PREFIX = "DB_"
 Profile = t.Literal["development", "production", "serverless"]
@@ -195,6 +190,13 @@ class NeonSettings(BaseSettings):
         description="Answer 503 JSON with Retry-After, not a 500 traceback, when a view fails "
         "because the database is unavailable or the pool is exhausted.",
     )
+    retry_after: int = Field(
+        default=5,
+        ge=1,
+        le=3600,
+        description="Seconds in the Retry-After header of every 503 answer (an outage seen by a "
+        "view, an unhealthy GET /health/db).",
+    )
     fast_begin: bool = Field(
         default=True,
         description="Send BEGIN in the same round trip as a transaction's first statement "
@@ -210,144 +212,6 @@ class NeonSettings(BaseSettings):
     )
 
 
-@dataclasses.dataclass(frozen=True)
-class LoadedSettings:
-    """The settings and where each value came from."""
-
-    settings: NeonSettings
-    sources: dict[str, Source]
-
-    def explicit(self, field: str) -> bool:
-        """True when the user set ``field`` (anywhere), False when it is the default."""
-        return self.sources.get(field, "default") != "default"
-
-
 def key_for(field: str) -> str:
     """The configuration key of a field: ``pool_size`` -> ``DB_POOL_SIZE``."""
     return PREFIX + field.upper()
-
-
-def load_settings(
-    config: t.Mapping[str, t.Any], env_file: str | os.PathLike[str] | None = ".env"
-) -> LoadedSettings:
-    """Read the settings with ``config`` (usually ``app.config``) taking precedence.
-
-    Raises:
-        NeonConfigError: naming the first invalid settings, never showing a secret.
-    """
-    fields = NeonSettings.model_fields
-    overrides = {
-        name: config[key_for(name)] for name in fields if config.get(key_for(name)) is not None
-    }
-    try:
-        settings = NeonSettings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
-    except ValidationError as exc:
-        # ``from None``: pydantic's own text repeats the input, which may be the password.
-        raise NeonConfigError(_explain(exc)) from None
-    return LoadedSettings(settings, _sources(overrides, env_file))
-
-
-def _sources(
-    overrides: t.Mapping[str, t.Any], env_file: str | os.PathLike[str] | None
-) -> dict[str, Source]:
-    environ = {key.upper() for key in os.environ}
-    dotenv: set[str] = set()
-    if env_file is not None and os.path.isfile(env_file):
-        from dotenv import dotenv_values
-
-        dotenv = {key.upper() for key, value in dotenv_values(env_file).items() if value}
-    sources: dict[str, Source] = {}
-    for name in NeonSettings.model_fields:
-        key = key_for(name)
-        if name in overrides:
-            sources[name] = "app.config"
-        elif key in environ:
-            sources[name] = "environment"
-        elif key in dotenv:
-            sources[name] = ".env"
-        else:
-            sources[name] = "default"
-    return sources
-
-
-_SECRET_FIELDS = frozenset({"url", "direct_url", "read_url"})
-
-
-def _explain(exc: ValidationError) -> str:
-    lines = []
-    for error in exc.errors():
-        field = str(error["loc"][0]) if error["loc"] else "?"
-        key = key_for(field)
-        if error["type"] == "missing":
-            if field == "url":
-                lines.append(
-                    f"{key} is not set. Set it in the environment, in .env or in "
-                    f"app.config['{key}'], e.g. {key}=postgresql://user:password@host/dbname."
-                )
-            else:
-                lines.append(f"{key} is required.")
-            continue
-        if field in _SECRET_FIELDS:
-            lines.append(f"{key} must be a string URL ({error['msg'].lower()}).")
-            continue
-        shown = repr(error.get("input"))
-        if len(shown) > 60:
-            shown = shown[:57] + "..."
-        lines.append(f"{key} must be {_allowed(field)}, got {shown}.")
-    return "Invalid flask-neon settings: " + " ".join(lines) if len(lines) > 1 else lines[0]
-
-
-def _allowed(field: str) -> str:
-    """Say in words what ``field`` accepts, from the model's own constraints."""
-    info = NeonSettings.model_fields[field]
-    annotation = info.annotation
-    # Unwrap ``X | None``: the None only means "unset, use the profile's choice".
-    args = [a for a in t.get_args(annotation) if a is not type(None)]
-    if type(None) in t.get_args(annotation) and len(args) == 1:
-        annotation = args[0]
-    if t.get_origin(annotation) is t.Literal:
-        return "one of " + ", ".join(str(c) for c in t.get_args(annotation))
-    if annotation is SecretStr:
-        return "a PostgreSQL URL"
-    if annotation is str:
-        return "a URL path starting with '/'"
-    if annotation is bool:
-        return "a boolean (true/false, 1/0, yes/no, on/off)"
-    low = high = None
-    for item in info.metadata:
-        if isinstance(item, annotated_types.Ge):
-            low = item.ge
-        elif isinstance(item, annotated_types.Le):
-            high = item.le
-    kind = "an integer" if annotation is int else "a number"
-    if low is not None and high is not None:
-        return f"{kind} from {low} to {high}"
-    if low is not None:
-        return f"{kind} >= {low}"
-    return kind
-
-
-def describe_settings() -> list[dict[str, str]]:
-    """One row per setting: key, default, allowed values, description (for docs and the CLI)."""
-    rows = []
-    for name, info in NeonSettings.model_fields.items():
-        default = "required" if info.is_required() else _show_default(info.default)
-        rows.append(
-            {
-                "key": key_for(name),
-                "default": default,
-                "allowed": _allowed(name),
-                "description": info.description or "",
-            }
-        )
-    return rows
-
-
-def _show_default(value: t.Any) -> str:
-    if value is None:
-        return "unset"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)

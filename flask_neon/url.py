@@ -1,9 +1,6 @@
-"""One parsed, normalised database URL: driver psycopg2, Neon host facts, a masked rendering.
-
-Neon and most tools hand out ``postgresql://`` or ``postgres://`` URLs. SQLAlchemy 2.1 maps
-``postgresql://`` to psycopg 3, which flask-neon does not install, so every URL is rewritten to
-``postgresql+psycopg2://`` here, once, and the rest of the package only sees :class:`DatabaseURL`.
-"""
+"""Database URLs. SQLAlchemy's ``make_url`` and ``URL`` parse, quote and render them; this module
+adds what SQLAlchemy does not know: the psycopg2 driver, Neon's pooled and direct hosts, the TLS
+policy, which values are secrets, and how the URLs of one app relate."""
 
 from __future__ import annotations
 
@@ -11,63 +8,47 @@ import dataclasses
 import ipaddress
 import os
 import re
-from urllib.parse import parse_qsl, quote, unquote
+from urllib.parse import quote, unquote
 
-import sqlalchemy as sa
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
 
 from .errors import NeonConfigError
 
+# SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which flask-neon does not install.
 DRIVER = "postgresql+psycopg2"
-ACCEPTED_SCHEMES = ("postgresql", "postgres", "postgresql+psycopg2")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
-#: sslmodes that may end up in plaintext: prefer falls back to it silently.
-PLAINTEXT_SSLMODES = (None, "disable", "allow", "prefer")
-CHANNEL_BINDINGS = ("disable", "prefer", "require")
-#: libpq parameters naming files that must exist ("system" is libpq's CA store).
-_FILE_PARAMS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")
-#: Query parameters whose values are secrets and are masked like the password.
-SECRET_PARAMS = frozenset({"password", "sslpassword"})
-MASK = "***"
-
-# After the user-info '@' comes a host (or [IPv6]), an optional port, then the path, query or end.
-_HOST_PART = re.compile(r"(\[[^\]/]*\]|[^/?#@:\[\]]*)(?::([^/?#@]*))?(?=[/?]|$)")
-_POOLER_SUFFIX = "-pooler"
-_NEON_DOMAINS = (".neon.tech", ".neon.build")
-
-
-def _describe(raw: str) -> str:
-    """The URL's scheme and host, for an error message that must not echo a password."""
-    scheme = raw.split("://", 1)[0] if "://" in raw else ""
-    shown = f"{scheme}://..." if scheme else "a value without '://'"
-    return shown if len(shown) <= 40 else shown[:37] + "..."
+_ALLOWED = {"sslmode": SSLMODES, "channel_binding": ("disable", "prefer", "require")}
+_FILE_PARAMS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")  # files libpq will open
+SECRET_PARAMS = frozenset({"password", "sslpassword"})  # masked like the password
+MASK = "***"  # the three stars SQLAlchemy hides a password with, too
+_EXAMPLE = "postgresql://user:PW@ep-example-123456.us-east-2.aws.neon.tech/neondb"
+# make_url ends the user-info at the first '@', which breaks a password pasted with '@' in it;
+# this ends it at the last '@' that a host and then '/', '?' or the end follow.
+_USERINFO = re.compile(r"(.*)@(?=[^@/?]*(?:[/?]|$))", re.S)
 
 
 @dataclasses.dataclass(frozen=True)
 class DatabaseURL:
-    """A PostgreSQL URL, normalised for psycopg2, with what flask-neon needs to know about it.
-
-    Build one with :func:`parse_url`. ``str()`` and ``repr()`` show the masked form.
-    """
+    """A PostgreSQL URL, as :func:`parse_url` made it. ``str()`` and ``repr()`` are masked."""
 
     username: str | None
-    password: str | None = dataclasses.field(repr=False)
+    password: str | None
     host: str | None
     port: int | None
     database: str
     query: tuple[tuple[str, str], ...] = ()
-    setting: str = "DB_URL"
-
-    # -- derived facts -------------------------------------------------------------------------
+    setting: str = "DB_URL"  # named in every error about this URL
 
     @property
     def query_dict(self) -> dict[str, str]:
+        """The query's libpq parameters, in the URL's order."""
         return dict(self.query)
 
     @property
-    def socket_dir(self) -> str | None:
-        """The Unix socket directory when the URL names one (``?host=/run/postgresql``)."""
-        host = self.host or self.query_dict.get("host")
-        return host if host and host.startswith("/") else None
+    def sslmode(self) -> str | None:
+        """The URL's ``sslmode``; None when unset, which libpq takes as ``prefer``."""
+        return self.query_dict.get("sslmode")
 
     @property
     def effective_host(self) -> str:
@@ -75,212 +56,125 @@ class DatabaseURL:
         return self.host or self.query_dict.get("host", "")
 
     @property
+    def socket_dir(self) -> str | None:
+        """The Unix socket directory when the URL names one (``?host=/run/postgresql``)."""
+        return self.effective_host if self.effective_host.startswith("/") else None
+
+    @property
     def is_local(self) -> bool:
         """True for localhost, loopback addresses and Unix sockets: no network to protect."""
-        host = self.effective_host
-        if not host or host.startswith("/") or host == "localhost":
-            return True
+        host = self.effective_host.strip("[]")
         try:
-            return ipaddress.ip_address(host.strip("[]")).is_loopback
+            return ipaddress.ip_address(host).is_loopback
         except ValueError:
-            return False
+            return not host or host.startswith("/") or host == "localhost"
 
     @property
     def is_neon(self) -> bool:
-        host = self.effective_host.lower()
-        return host.endswith(_NEON_DOMAINS)
+        """True for a Neon host: one under ``neon.tech`` or ``neon.build``."""
+        return self.effective_host.lower().endswith((".neon.tech", ".neon.build"))
 
     @property
     def is_neon_pooled(self) -> bool:
-        """True for a Neon pooler host: ``-pooler`` ends the first DNS label."""
-        first = self.effective_host.lower().split(".", 1)[0]
-        return self.is_neon and first.endswith(_POOLER_SUFFIX)
+        """True for a Neon pooler host: ``-pooler`` ends the first DNS label, not a later one."""
+        return self.is_neon and self.effective_host.lower().split(".")[0].endswith("-pooler")
 
     @property
     def endpoint_id(self) -> str | None:
         """Neon's endpoint id (``ep-cool-darkness-123456``), taken from the host name."""
-        if not self.is_neon:
-            return None
-        first = self.effective_host.lower().split(".", 1)[0]
-        return first.removesuffix(_POOLER_SUFFIX)
-
-    @property
-    def sslmode(self) -> str | None:
-        return self.query_dict.get("sslmode")
+        first_label = self.effective_host.lower().split(".")[0]
+        return first_label.removesuffix("-pooler") if self.is_neon else None
 
     def direct(self) -> DatabaseURL:
         """The same URL on the direct (non-pooled) host; itself when it is not a Neon pooler."""
         if not self.is_neon_pooled or self.host is None:
             return self
-        first, _, rest = self.host.partition(".")
-        return dataclasses.replace(self, host=f"{first[: -len(_POOLER_SUFFIX)]}.{rest}")
+        first, _, rest = self.host.partition(".")  # sliced: '-pooler' may be in capitals
+        return dataclasses.replace(self, host=f"{first[: -len('-pooler')]}.{rest}")
 
     def with_query(self, **params: str) -> DatabaseURL:
         """A copy with query parameters added or replaced."""
-        merged = {**self.query_dict, **params}
-        return dataclasses.replace(self, query=tuple(merged.items()))
+        return dataclasses.replace(self, query=tuple({**self.query_dict, **params}.items()))
 
-    # -- renderings ----------------------------------------------------------------------------
-
-    def to_sqlalchemy(self) -> sa.URL:
+    def to_sqlalchemy(self) -> URL:
         """The URL SQLAlchemy connects with, always on the psycopg2 driver."""
-        return sa.URL.create(
-            DRIVER,
-            username=self.username,
-            password=self.password,
-            host=self.host,
-            port=self.port,
-            database=self.database,
-            query=self.query_dict,
-        )
+        parts = (self.username, self.password, self.host, self.port, self.database)
+        return URL.create(DRIVER, *parts, query=self.query_dict)
 
     def masked(self) -> str:
         """The URL for logs and the CLI: ``postgresql://alex:***@host/db?sslmode=require``."""
-        userinfo = ""
-        if self.username is not None:
-            userinfo = quote(self.username, safe="")
-            if self.password is not None:
-                userinfo += ":" + MASK
-            userinfo += "@"
-        host = self.host or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{self.port}" if self.port is not None else ""
+        # SQLAlchemy renders all but the query, password hidden; the query may hold secrets too.
+        shown = self.to_sqlalchemy().set(drivername="postgresql", query={}).render_as_string()
         query = "&".join(
             f"{key}={MASK if key in SECRET_PARAMS else quote(value, safe='/,=-._~')}"
             for key, value in self.query
         )
-        return f"postgresql://{userinfo}{host}{port}/{quote(self.database, safe='')}" + (
-            f"?{query}" if query else ""
-        )
+        return f"{shown}?{query}" if query else shown
 
     def secrets(self) -> list[str]:
         """Every secret this URL carries, for masking free text that might repeat one."""
-        found = [self.password] if self.password else []
-        found += [value for key, value in self.query if key in SECRET_PARAMS and value]
-        return found
+        found = [self.password] + [value for key, value in self.query if key in SECRET_PARAMS]
+        return [secret for secret in found if secret]
 
     def __str__(self) -> str:
         return self.masked()
 
+    __repr__ = __str__
+
 
 def parse_url(raw: str, setting: str = "DB_URL") -> DatabaseURL:
-    """Parse and validate a PostgreSQL URL.
+    """Parse and check a ``postgres://``, ``postgresql://`` or ``postgresql+psycopg2://`` URL.
 
-    Accepts ``postgres://``, ``postgresql://`` and ``postgresql+psycopg2://``. User name and
-    password may be percent-encoded (the standard) or contain ``@``, ``:``, ``/``, ``#`` as is.
-
-    Raises:
-        NeonConfigError: naming ``setting``, never showing the password.
+    User name and password may be percent-encoded, or hold ``@``, ``:``, ``/``, ``#`` as is.
+    Errors (:class:`NeonConfigError`) name ``setting`` and never show the password.
     """
     value = raw.strip()
     if not value:
         raise NeonConfigError(f"{setting} is empty. Set it to a URL like {_EXAMPLE}.")
     scheme, sep, rest = value.partition("://")
     if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*", scheme):
+        # Nothing of the value is shown: without a scheme, any part of it may be the password.
+        raise NeonConfigError(f"{setting} is not a URL. Expected a URL like {_EXAMPLE}.")
+    if scheme.lower() not in ("postgresql", "postgres", DRIVER):
         raise NeonConfigError(
-            f"{setting} is not a URL (got {_describe(value)}). Expected a URL like {_EXAMPLE}."
+            f"{setting} must be a PostgreSQL URL (postgresql://, postgres:// or {DRIVER}://), "
+            f"got '{scheme}://...'."
         )
-    if scheme.lower() not in ACCEPTED_SCHEMES:
-        raise NeonConfigError(
-            f"{setting} must be a PostgreSQL URL (postgresql://, postgres:// or "
-            f"postgresql+psycopg2://), got '{scheme}://...'."
-        )
-
-    userinfo, host_raw, port_text, path = _split_authority(rest, setting, value)
-    username: str | None = None
-    password: str | None = None
-    if userinfo is not None:
-        user_raw, colon, password_raw = userinfo.partition(":")
-        username = unquote(user_raw) or None
-        password = unquote(password_raw) if colon else None
-
-    host = unquote(host_raw.strip("[]"))
-    port = _parse_port(port_text, setting, value)
-    database_raw, _, query_raw = path.removeprefix("/").partition("?")
-    database = unquote(database_raw)
-    query = tuple(parse_qsl(query_raw, keep_blank_values=True))
-
-    url = DatabaseURL(username, password, host or None, port, database, query, setting)
-    if not url.effective_host:
-        raise NeonConfigError(
-            f"{setting} has no host ({url.masked()}). Put the server's host name after '@', "
-            f"e.g. {_EXAMPLE}."
-        )
-    if not database:
-        raise NeonConfigError(
-            f"{setting} has no database name ({url.masked()}). Add '/<database>' after the host, "
-            f"e.g. {_EXAMPLE}."
-        )
-    return _check_query(url)
-
-
-_EXAMPLE = "postgresql://user:PW@ep-example-123456.us-east-2.aws.neon.tech/neondb"
-
-
-def _split_authority(rest: str, setting: str, raw: str) -> tuple[str | None, str, str | None, str]:
-    """Split ``user:pass@host:port/db?query`` into user-info, host, port text and the rest.
-
-    The user-info ends at the last '@' that is followed by something shaped like a host, so a
-    password may contain '@', '/', '?' or '#' without being escaped.
-    """
-    for at in reversed([m.start() for m in re.finditer("@", rest)]):
-        host_match = _HOST_PART.match(rest, at + 1)
-        if host_match:
-            return rest[:at], host_match[1], host_match[2], rest[host_match.end() :]
-    host_match = _HOST_PART.match(rest)
-    if host_match is None:
-        raise NeonConfigError(
-            f"{setting} could not be parsed (got {_describe(raw)}). Expected a URL like "
-            f"{_EXAMPLE}; percent-encode special characters in the password."
-        )
-    return None, host_match[1], host_match[2], rest[host_match.end() :]
-
-
-def _parse_port(port_text: str | None, setting: str, raw: str) -> int | None:
-    if port_text is None or port_text == "":
-        return None
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise NeonConfigError(
-            f"{setting} has an invalid port '{port_text[:20]}' ({_describe(raw)}); "
-            f"a port is a number from 1 to 65535."
-        )
-    return int(port_text)
-
-
-def _check_query(url: DatabaseURL) -> DatabaseURL:
-    params = url.query_dict
-    sslmode = params.get("sslmode")
-    if sslmode is not None and sslmode not in SSLMODES:
-        raise NeonConfigError(
-            f"{url.setting} has sslmode={sslmode!r}; allowed: {', '.join(SSLMODES)}."
-        )
-    binding = params.get("channel_binding")
-    if binding is not None and binding not in CHANNEL_BINDINGS:
-        raise NeonConfigError(
-            f"{url.setting} has channel_binding={binding!r}; allowed: "
-            f"{', '.join(CHANNEL_BINDINGS)}."
-        )
+    if found := _USERINFO.match(rest):  # re-quoted, so that make_url reads what was typed raw
+        user, colon, password = found[1].partition(":")
+        userinfo = quote(unquote(user), safe="") + colon + quote(unquote(password), safe="")
+        rest = f"{userinfo}@{rest[found.end() :]}"
+    bad_port = f"{setting} has an invalid port ({scheme}://...); use a number from 1 to 65535."
+    try:
+        parsed = make_url(f"{DRIVER}://{rest}")
+    except (ValueError, ArgumentError):  # int() failed on the port; the message quotes the URL
+        raise NeonConfigError(bad_port) from None
+    if parsed.port is not None and not 1 <= parsed.port <= 65535:
+        raise NeonConfigError(bad_port)
+    # make_url makes a repeated parameter a tuple; libpq would use the last value.
+    query = tuple((k, v if isinstance(v, str) else v[-1]) for k, v in parsed.query.items())
+    host = unquote(parsed.host) if parsed.host else None  # libpq's '%2Frun%2Fpostgresql' form
+    parts = (parsed.username or None, parsed.password, host, parsed.port, parsed.database or "")
+    url = DatabaseURL(*parts, query, setting)
+    if not url.effective_host or not url.database:
+        missing = "database name" if url.effective_host else "host"
+        raise NeonConfigError(f"{setting} has no {missing} ({url.masked()}), e.g. {_EXAMPLE}.")
+    # Checked now, naming the setting, rather than failing at the first connection.
+    for name, allowed in _ALLOWED.items():
+        if url.query_dict.get(name, allowed[0]) not in allowed:
+            shown = f"{name}={url.query_dict[name]!r}"
+            raise NeonConfigError(f"{setting} has {shown}; allowed: {', '.join(allowed)}.")
     for name in _FILE_PARAMS:
-        path = params.get(name)
-        if (
-            path
-            and not (name == "sslrootcert" and path == "system")
-            and not os.path.isfile(os.path.expanduser(path))
-        ):
+        path = url.query_dict.get(name, "")  # "system" is libpq's name for the system CA store
+        if path not in ("", "system") and not os.path.isfile(os.path.expanduser(path)):
+            hint = " (sslrootcert=system is the system CA store)" if name == "sslrootcert" else ""
             raise NeonConfigError(
-                f"{url.setting} has {name}={path!r}, but that file does not exist"
-                + (
-                    " (use sslrootcert=system for the system CA store)."
-                    if name == "sslrootcert"
-                    else "."
-                )
+                f"{setting} has {name}={path!r}, but that file does not exist{hint}."
             )
-    if "options" in params and url.is_neon_pooled:
+    if "options" in url.query_dict and url.is_neon_pooled:
         raise NeonConfigError(
-            f"{url.setting} points at a Neon pooler host and sets 'options' "
-            f"({url.masked()}); the pooler rejects startup options. Remove them, or use the "
-            f"direct host."
+            f"{setting} points at a Neon pooler host and sets 'options' ({url.masked()}); the "
+            "pooler rejects startup options. Remove them, or use the direct host."
         )
     return url
 
@@ -288,30 +182,28 @@ def _check_query(url: DatabaseURL) -> DatabaseURL:
 def apply_tls_policy(url: DatabaseURL, *, require_tls: bool) -> DatabaseURL:
     """Add ``sslmode=require`` for Neon hosts and refuse plaintext-capable remote URLs.
 
-    Neon refuses plaintext anyway; adding ``require`` turns its cryptic refusal into a working
-    connection. With ``require_tls`` (the production default), a non-local host whose sslmode
-    may end in plaintext is refused: ``prefer``, libpq's default, falls back to it silently.
+    Neon refuses plaintext anyway; ``require`` turns its cryptic refusal into a connection.
+    With ``require_tls`` (the production default), a remote host whose sslmode may end in
+    plaintext is refused: ``prefer``, libpq's default, falls back to it silently.
     """
     if url.is_neon and url.sslmode is None:
         url = url.with_query(sslmode="require")
-    if require_tls and not url.is_local and url.sslmode in PLAINTEXT_SSLMODES:
+    if require_tls and not url.is_local and url.sslmode in (None, "disable", "allow", "prefer"):
         shown = "unset (libpq then uses prefer)" if url.sslmode is None else f"'{url.sslmode}'"
         raise NeonConfigError(
             f"{url.setting} connects to '{url.effective_host}' with sslmode {shown}, which can "
             "fall back to plaintext. Add sslmode=require (better: sslmode=verify-full with "
-            "sslrootcert=system) to the URL, or set DB_REQUIRE_TLS=false for a trusted private "
-            "network."
+            "sslrootcert=system), or set DB_REQUIRE_TLS=false for a trusted private network."
         )
     return url
 
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedURLs:
-    """The URLs one app connects to."""
+    """The URLs one app connects to, resolved once from its settings."""
 
     primary: DatabaseURL
-    #: Direct host for migrations and admin work; None when the pooler's origin is unknown.
-    direct: DatabaseURL | None
+    direct: DatabaseURL | None  # for migrations and admin work; None: the pooler's origin unknown
     read: DatabaseURL | None
     pooled: bool
 
@@ -325,33 +217,29 @@ def resolve_urls(
     require_tls: bool,
 ) -> ResolvedURLs:
     """Parse ``DB_URL``, ``DB_DIRECT_URL`` and ``DB_READ_URL`` and check how they relate."""
-    primary = apply_tls_policy(parse_url(raw, "DB_URL"), require_tls=require_tls)
+
+    def load(value: str, setting: str) -> DatabaseURL:
+        return apply_tls_policy(parse_url(value, setting), require_tls=require_tls)
+
+    def target(url: DatabaseURL) -> tuple[str, int, str, str | None]:
+        return (url.effective_host.lower(), url.port or 5432, url.database, url.username)
+
+    primary = load(raw, "DB_URL")
     is_pooled = primary.is_neon_pooled if pooled is None else pooled
-    direct: DatabaseURL | None
+    direct: DatabaseURL | None = primary
+    if is_pooled:  # a Neon pooler's direct host is known; another pooler's origin is not
+        direct = primary.direct() if primary.is_neon_pooled else None
     if direct_raw:
-        direct = apply_tls_policy(parse_url(direct_raw, "DB_DIRECT_URL"), require_tls=require_tls)
+        direct = load(direct_raw, "DB_DIRECT_URL")
         if direct.is_neon_pooled:
             raise NeonConfigError(
                 f"DB_DIRECT_URL points at a pooler host ({direct.masked()}); it must be the "
                 f"direct host, without -pooler: {direct.direct().masked()}."
             )
-    elif is_pooled:
-        direct = primary.direct() if primary.is_neon_pooled else None
-    else:
-        direct = primary
-    read = None
-    if read_raw:
-        read = apply_tls_policy(parse_url(read_raw, "DB_READ_URL"), require_tls=require_tls)
-        if _same_target(read, primary) or (direct is not None and _same_target(read, direct)):
-            raise NeonConfigError(
-                f"DB_READ_URL is the primary database ({read.masked()}). Set it to the read "
-                "replica's URL, or leave it unset to read from the primary."
-            )
+    read = load(read_raw, "DB_READ_URL") if read_raw else None
+    if read and target(read) in {target(url) for url in (primary, direct) if url}:
+        raise NeonConfigError(
+            f"DB_READ_URL is the primary database ({read.masked()}). Set it to the read "
+            "replica's URL, or leave it unset to read from the primary."
+        )
     return ResolvedURLs(primary, direct, read, is_pooled)
-
-
-def _same_target(a: DatabaseURL, b: DatabaseURL) -> bool:
-    def key(url: DatabaseURL) -> tuple[str, int, str, str | None]:
-        return (url.effective_host.lower(), url.port or 5432, url.database, url.username)
-
-    return key(a) == key(b)

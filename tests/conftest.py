@@ -8,6 +8,7 @@ with :mod:`flask_neon.localdb`.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 import typing as t
@@ -19,12 +20,35 @@ import pytest
 from flask import Flask
 
 from flask_neon import NeonDB
-from flask_neon.localdb import LocalPostgres
+from flask_neon.local import LocalPostgres
 from flask_neon.url import parse_url
 
 from .proxy import FaultProxy
 
 TEST_URL_ENV = "FLASK_NEON_TEST_URL"
+#: What the developer's shell may hold that flask-neon or Flask would read.
+FOREIGN_ENV_PREFIXES = ("DB_", "SQLALCHEMY_", "FLASK_")
+FOREIGN_ENV_NAMES = ("DATABASE_URL",)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The suite runs the same whatever the developer's shell holds: its settings go."""
+    for key in list(os.environ):
+        if key != TEST_URL_ENV and (
+            key.startswith(FOREIGN_ENV_PREFIXES) or key in FOREIGN_ENV_NAMES
+        ):
+            del os.environ[key]
+
+
+@pytest.fixture(autouse=True)
+def _outside_the_project(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Run each test in an empty folder, so that a developer's ``.env`` is not read.
+
+    Tests that need another folder change to it themselves.
+    """
+    monkeypatch.chdir(tmp_path_factory.getbasetemp())
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import psycopg2  # type: ignore[import-untyped]
 import pytest
 
-from flask_neon.localdb import LocalPostgres, find_pg_bin, server_account
+from flask_neon.local import LocalPostgres, find_pg_bin, server_account
 
 from .conftest import closed_port, wait_until
 

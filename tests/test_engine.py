@@ -13,7 +13,7 @@ import sqlalchemy.exc as sa_exc
 from flask import Flask
 
 from flask_neon import DatabaseUnavailableError, NeonDB
-from flask_neon.localdb import LocalPostgres
+from flask_neon.local import LocalPostgres
 
 from .conftest import (
     AppFactory,
@@ -326,7 +326,7 @@ def test_too_many_connections_is_classified() -> None:
         for connection in held:
             connection.close()
         engine.dispose()
-    from flask_neon import classify
+    from flask_neon.errors import classify
 
     assert held  # at least one slot was free before the limit
     assert classify(info.value).name == "too_many_connections"

@@ -29,8 +29,8 @@ from flask import Flask, got_request_exception, request
 from example_app import create_app
 from example_app.extensions import db
 from example_app.models import Note
-from flask_neon.handlers import RETRY_AFTER_SECONDS
-from flask_neon.localdb import LocalPostgres
+from flask_neon.local import LocalPostgres
+from flask_neon.settings import NeonSettings
 from flask_neon.url import parse_url
 
 from .conftest import admin_execute, backend_pids, terminate_backends
@@ -47,6 +47,9 @@ FAIL_PREFIX = "fail-"
 LEAK_MARKERS = (b"Traceback", b"psycopg2", b"sqlalchemy", b'File "')
 
 Spec = tuple[str, str, t.Any]  # method, path, JSON body (None: no body)
+
+#: DB_RETRY_AFTER's default, the Retry-After of every 503.
+RETRY_AFTER = NeonSettings.model_fields["retry_after"].default
 
 
 # -- the app under test ---------------------------------------------------------------------------
@@ -372,7 +375,7 @@ def test_backends_terminated_during_requests_fail_cleanly(fresh_database: str) -
             reply = future.result(timeout=HOLD_LIMIT)
             body = assert_clean_error(reply, 503)
             assert body["cause"] == "connection_lost"
-            assert reply.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+            assert reply.headers["retry-after"] == str(RETRY_AFTER)
             assert reply.ended - killed_at < SLACK, "the failed request was not answered at once"
 
         assert failures(run_requests(server, notes_traffic(100, "after"), threads=4)) == []
@@ -425,7 +428,7 @@ def test_server_outage_fails_fast_and_recovers_without_restarting_the_app(
     for reply in replies:
         if not reply.ok:
             body = assert_clean_error(reply, 503)
-            assert reply.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+            assert reply.headers["retry-after"] == str(RETRY_AFTER)
             assert body["cause"] in {"connection_refused", "connection_lost", "pool_exhausted"}
     slowest = max(replies, key=lambda r: r.elapsed)
     assert slowest.elapsed <= bound, f"a request took {slowest.elapsed:.2f} s (bound {bound} s)"
@@ -471,7 +474,7 @@ def test_exhausted_pool_answers_503_after_the_pool_timeout_and_recovers(
             reply = future.result(timeout=HOLD_LIMIT)
             body = assert_clean_error(reply, 503)
             assert body["cause"] == "pool_exhausted"
-            assert reply.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+            assert reply.headers["retry-after"] == str(RETRY_AFTER)
             assert 0.9 <= reply.elapsed <= 1 + 1.5, f"answered after {reply.elapsed:.2f} s"
 
         controls.release.set()

@@ -37,8 +37,8 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from flask_neon import DatabaseUnavailableError, NeonConfigError, NeonDB
 from flask_neon.errors import classify
-from flask_neon.health import run_probe
-from flask_neon.localdb import LocalPostgres
+from flask_neon.local import LocalPostgres
+from flask_neon.probe import run_probe
 from flask_neon.url import parse_url
 
 from .conftest import AppFactory, admin_execute

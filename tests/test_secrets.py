@@ -14,7 +14,7 @@ from flask import Flask
 from flask.cli import FlaskGroup
 
 from flask_neon import DatabaseUnavailableError, NeonConfigError, NeonDB
-from flask_neon.localdb import LocalPostgres
+from flask_neon.local import LocalPostgres
 
 from .conftest import closed_port
 

@@ -10,7 +10,8 @@ from flask import Flask
 
 from flask_neon import NeonConfigError, NeonDB
 from flask_neon.profiles import PROFILES, pool_config, resolve_profile
-from flask_neon.settings import NeonSettings, load_settings
+from flask_neon.settings import NeonSettings
+from flask_neon.settings_loader import load_settings
 
 SECRET = "Sup3r-Secret-pw"
 GOOD_URL = f"postgresql://alex:{SECRET}@127.0.0.1:5432/test"
@@ -252,3 +253,19 @@ def test_bad_input_through_flask_db_check(config: dict[str, t.Any], expected: st
     assert expected in result.output
     assert "Traceback" not in result.output
     assert SECRET not in result.output
+
+
+def test_a_dotenv_value_loaded_into_the_environment_is_labelled_dotenv(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
+) -> None:
+    # The `flask` command loads .env into os.environ before the app starts (python-dotenv),
+    # without overriding what the shell set. A value equal to the file's came from the file.
+    (tmp_path / ".env").write_text(f"DB_URL={GOOD_URL}\nDB_POOL_SIZE=7\nDB_MAX_OVERFLOW=3\n")
+    monkeypatch.setenv("DB_URL", GOOD_URL)  # as flask's load_dotenv() leaves it
+    monkeypatch.setenv("DB_POOL_SIZE", "7")  # same value: from .env
+    monkeypatch.setenv("DB_MAX_OVERFLOW", "4")  # the shell's own, which wins
+    loaded = load_settings({}, tmp_path / ".env")
+    assert loaded.sources["url"] == ".env"
+    assert loaded.sources["pool_size"] == ".env"
+    assert loaded.sources["max_overflow"] == "environment"
+    assert loaded.settings.max_overflow == 4

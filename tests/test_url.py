@@ -9,7 +9,8 @@ import sqlalchemy as sa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from flask_neon import NeonConfigError, parse_url
+from flask_neon import NeonConfigError
+from flask_neon.url import parse_url
 
 NEON_POOLED = "ep-cool-darkness-123456-pooler.us-east-2.aws.neon.tech"
 NEON_CELL_POOLED = "ep-cool-darkness-123456-pooler.c-2.us-east-1.aws.neon.tech"
@@ -118,6 +119,8 @@ def test_pooler_in_a_later_label_is_not_a_pooler() -> None:
         ("postgresql://alex:s3cretpw@host:port/db", "invalid port"),
         ("postgresql://alex:s3cretpw@host/db?sslmode=bogus", "sslmode='bogus'"),
         ("://alex:s3cretpw@host/db", "is not a URL"),
+        ("postgresql:/alex:s3cretpw@host/db", "is not a URL"),
+        ("postgresql:/alex:s3cretpw@host/db?x=https://y", "is not a URL"),
     ],
 )
 def test_bad_urls_name_the_setting_and_hide_the_password(raw: str, fragment: str) -> None:
@@ -127,6 +130,26 @@ def test_bad_urls_name_the_setting_and_hide_the_password(raw: str, fragment: str
     assert message.startswith("DB_URL")
     assert fragment in message
     assert "s3cretpw" not in message
+
+
+def test_a_repeated_query_parameter_keeps_its_last_value() -> None:
+    url = parse_url("postgresql://a:pw@host/db?sslmode=disable&application_name=x&sslmode=require")
+    assert url.sslmode == "require"
+    assert url.to_sqlalchemy().query == {"sslmode": "require", "application_name": "x"}
+
+
+def test_percent_encoded_socket_directory_as_host() -> None:
+    url = parse_url("postgresql://alex@%2Fvar%2Frun%2Fpostgresql/app")
+    assert (url.host, url.socket_dir, url.is_local) == (
+        "/var/run/postgresql",
+        "/var/run/postgresql",
+        True,
+    )
+
+
+def test_repr_is_the_masked_url() -> None:
+    url = parse_url("postgresql://alex:hunter2@host/db?sslpassword=keypass")
+    assert repr(url) == str(url) == "postgresql://alex:***@host/db?sslpassword=***"
 
 
 def test_pooler_host_with_startup_options_is_refused() -> None:
@@ -276,7 +299,8 @@ def test_any_url_round_trips_through_sqlalchemy_and_masks(
     again = parse_url(rendered.render_as_string(hide_password=False))
     assert again == url
     # The masked form is fully determined without the password: nothing of it can show.
+    # SQLAlchemy quotes it, leaving ' ' and '+' (and '/' in the database name) as they are.
     assert url.masked() == (
-        f"postgresql://{quote(user, safe='')}:***@db.example.com:{port}/"
-        f"{quote(database, safe='')}?sslmode=require"
+        f"postgresql://{quote(user, safe=' +')}:***@db.example.com:{port}/"
+        f"{quote(database, safe=' +/')}?sslmode=require"
     )

@@ -1,4 +1,4 @@
-"""Tests for flask_neon.localdb, against real PostgreSQL servers."""
+"""Tests for flask_neon.local, against real PostgreSQL servers."""
 
 from __future__ import annotations
 
@@ -15,10 +15,12 @@ import psycopg2  # type: ignore[import-untyped]
 import pytest
 import sqlalchemy as sa
 
-from flask_neon import localdb
-from flask_neon.localdb import LocalPostgres, LocalPostgresError, ensure_database_url, find_pg_bin
+from flask_neon import local
+from flask_neon.local import LocalPostgres, LocalPostgresError, ensure_database_url, find_pg_bin
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+#: The directory holding the flask_neon package, for PYTHONPATH in subprocesses.
+PACKAGE_ROOT = pathlib.Path(local.__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -167,11 +169,11 @@ def test_stop_is_idempotent_and_removes_temp_dir(monkeypatch: pytest.MonkeyPatch
 @pytest.mark.slow
 def test_forgotten_cluster_is_stopped_at_exit() -> None:
     script = (
-        "from flask_neon.localdb import LocalPostgres\n"
+        "from flask_neon.local import LocalPostgres\n"
         "pg = LocalPostgres().start()\n"
         "print(pg.data_dir.parent, pg.port)\n"
     )
-    package_root = pathlib.Path(localdb.__file__).resolve().parents[1]
+    package_root = PACKAGE_ROOT
     result = subprocess.run(
         [sys.executable, "-c", script],
         capture_output=True,
@@ -277,13 +279,13 @@ def test_runs_as_current_user_when_not_root() -> None:
     script = (
         "import sys\n"
         "try:\n"
-        "    from flask_neon.localdb import LocalPostgres\n"
+        "    from flask_neon.local import LocalPostgres\n"
         "except ImportError:\n"
         "    sys.exit(77)\n"
         "with LocalPostgres() as pg:\n"
         "    print(pg.execute('SELECT current_user, current_setting(%s)', params=('fsync',)))\n"
     )
-    package_root = pathlib.Path(localdb.__file__).resolve().parents[1]
+    package_root = PACKAGE_ROOT
     try:
         result = subprocess.run(
             [sys.executable, "-c", script],
@@ -349,3 +351,43 @@ def test_find_pg_bin_follows_symlinks_and_skips_wrappers(
     monkeypatch.setenv("PATH", os.pathsep.join([str(wrapper_dir), str(link_dir)]))
 
     assert find_pg_bin() == install.resolve()
+
+
+_MAKE_APP = {
+    "NeonDB": (
+        "app = flask.Flask('app')\n"
+        "app.config['DB_URL'] = 'postgresql://u:pw@127.0.0.1:1/app'\n"
+        "flask_neon.NeonDB(app)\n"
+    ),
+    "example_app": (
+        "from example_app import create_app\n"
+        "app = create_app({'DB_URL': 'postgresql://u:pw@127.0.0.1:1/app'})\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("make_app", sorted(_MAKE_APP))
+def test_an_app_with_db_url_never_imports_the_local_server(
+    make_app: str, tmp_path: pathlib.Path
+) -> None:
+    # Only apps without a database (and the test plugin) need flask_neon.local; an app given
+    # DB_URL, in a process that is not a pytest run, must load neither it nor the plugin.
+    script = (
+        "import sys\n"
+        "import flask, flask_neon\n" + _MAKE_APP[make_app] + "assert app.extensions\n"
+        "loaded = [name for name in sys.modules if name.startswith('flask_neon.')]\n"
+        "assert 'flask_neon.local' not in sys.modules, loaded\n"
+        "assert 'flask_neon.testing' not in sys.modules, loaded\n"
+    )
+    # Neither the environment nor a .env file may bring settings of their own.
+    env = {key: value for key, value in os.environ.items() if not key.startswith("DB_")}
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**env, "PYTHONPATH": str(PACKAGE_ROOT)},
+        cwd=tmp_path,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr

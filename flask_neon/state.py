@@ -1,0 +1,119 @@
+"""What flask-neon holds for one app, and how the operator surfaces find it.
+
+A leaf of the package: it imports the building blocks (settings, URLs, engine, monitors) and
+nothing of the surfaces that read it (health, CLI, error handlers, metrics) nor of the
+extension that builds it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing as t
+
+import sqlalchemy as sa
+from flask import Flask, current_app
+from sqlalchemy import orm
+
+from .engine import limit_parameters, limits_mode
+from .errors import NeonStateError
+from .monitoring import PoolMonitor
+from .probe import HealthChecker
+from .profiles import PoolConfig
+from .settings import NeonSettings
+from .settings_loader import LoadedSettings
+from .url import DatabaseURL
+
+#: The key of :class:`NeonState` in ``app.extensions``.
+EXTENSION_KEY = "flask-neon"
+
+
+@dataclasses.dataclass(frozen=True)
+class AppEngine:
+    """One engine of an app, with the URL it was built from and its monitors."""
+
+    url: DatabaseURL
+    pooled: bool
+    engine: sa.Engine
+    monitor: PoolMonitor
+    health: HealthChecker
+
+
+class Extension(t.Protocol):
+    """What the state needs of the extension object that built it (a ``NeonDB``)."""
+
+    metadata: sa.MetaData
+
+
+@dataclasses.dataclass
+class NeonState:
+    """Everything flask-neon holds for one app, stored in ``app.extensions["flask-neon"]``."""
+
+    #: The extension object that built this state.
+    db: Extension
+    loaded: LoadedSettings
+    pool: PoolConfig
+    #: The app's engine, on DB_URL (pooled or direct).
+    primary: AppEngine
+    #: The engine for migrations and checks: the direct host (the primary when it is direct).
+    admin: AppEngine
+    #: The read replica's engine when DB_READ_URL is set.
+    read: AppEngine | None
+    sessionmaker: orm.sessionmaker[orm.Session]
+    read_sessionmaker: orm.sessionmaker[orm.Session]
+    health_details: bool
+    #: Whether plaintext-capable remote URLs are refused (DB_REQUIRE_TLS or the profile).
+    require_tls: bool
+
+    @property
+    def settings(self) -> NeonSettings:
+        return self.loaded.settings
+
+    @property
+    def url(self) -> DatabaseURL:
+        return self.primary.url
+
+    @property
+    def pooled(self) -> bool:
+        return self.primary.pooled
+
+    @property
+    def engine(self) -> sa.Engine:
+        return self.primary.engine
+
+    @property
+    def admin_engine(self) -> sa.Engine:
+        return self.admin.engine
+
+    @property
+    def monitor(self) -> PoolMonitor:
+        return self.primary.monitor
+
+    @property
+    def health(self) -> HealthChecker:
+        return self.primary.health
+
+    def engines(self) -> list[AppEngine]:
+        """Each distinct engine of the app once (the admin engine may be the primary)."""
+        engines = {id(e): e for e in (self.primary, self.admin, self.read) if e is not None}
+        return list(engines.values())
+
+    def secrets(self) -> list[str]:
+        """Every secret of every URL the app uses, for masking free text."""
+        return [secret for e in self.engines() for secret in e.url.secrets()]
+
+    @property
+    def session_limits(self) -> dict[str, t.Any]:
+        """The limits in force and how they reach the server."""
+        return {"mode": limits_mode(self.settings, self.pooled), **limit_parameters(self.settings)}
+
+
+def current_state(app: Flask | None = None) -> NeonState:
+    """The flask-neon state of ``app`` (default: the current app)."""
+    app = app or current_app
+    state = app.extensions.get(EXTENSION_KEY)
+    if state is None:
+        raise NeonStateError(
+            f"flask-neon is not initialised on app '{app.name}'. Call db.init_app(app) "
+            "(or NeonDB(app)) first."
+        )
+    return t.cast(NeonState, state)
