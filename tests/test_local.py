@@ -349,6 +349,7 @@ def test_find_pg_bin_follows_symlinks_and_skips_wrappers(
     wrapper_dir = tmp_path / "wrapper"
     _stub_programs(wrapper_dir, ["pg_ctl"])
     monkeypatch.setenv("PATH", os.pathsep.join([str(wrapper_dir), str(link_dir)]))
+    monkeypatch.setenv("PG_BIN", "system")  # the machine's, not the wheel's
 
     assert find_pg_bin() == install.resolve()
 
@@ -391,3 +392,25 @@ def test_an_app_with_db_url_never_imports_the_local_server(
         check=False,
     )
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.slow
+def test_a_data_folder_of_another_major_version_is_refused_with_both_named(
+    reachable_dir: pathlib.Path,
+) -> None:
+    try:
+        system, wheel = find_pg_bin("system"), find_pg_bin("wheel")
+    except LocalPostgresError as exc:
+        pytest.skip(f"needs both the machine's and the wheel's binaries: {exc}")
+    data_dir = reachable_dir / "pgdata"
+    old = LocalPostgres(data_dir, binaries=str(system))
+    old.start()
+    old.stop_server()
+    if old.version.split(".")[0] == "18":
+        pytest.skip("the machine's PostgreSQL is the wheel's major version")
+    with pytest.raises(LocalPostgresError) as info:
+        LocalPostgres(data_dir, binaries=str(wheel)).start()
+    message = str(info.value)
+    assert f"made by PostgreSQL {old.version.split('.')[0]}" in message
+    assert "PostgreSQL 18" in message
+    assert f"rm -rf {data_dir}" in message

@@ -345,7 +345,7 @@ def test_no_database_and_no_server_programs(
     project.makepyfile(DATABASE_TESTS)
     text = assert_one_clean_message(run(project), "the tests need a PostgreSQL database")
     assert "Set FLASK_NEON_TEST_URL" in text
-    assert "pip install pgserver" in text
+    assert "pip install 'flask-neon[local]'" in text
     assert f"PG_BIN is set to {str(empty)!r}" in text
 
 

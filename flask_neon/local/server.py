@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import pathlib
+import socket
 import subprocess
 import tempfile
 
+from .account import account_name, reachable_by
 from .binaries import _exe
 from .errors import LocalPostgresError
 
@@ -28,6 +30,13 @@ _FAST_SETTINGS: dict[str, str] = {
     "synchronous_commit": "off",
     "full_page_writes": "off",
 }
+
+
+def _free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def _quote_conf(value: str) -> str:
@@ -55,6 +64,7 @@ class ServerControl:
     _running: bool
     _server_may_run: bool
     _temp_root: pathlib.Path | None
+    version: str
 
     def _make_temp_root(self) -> None:
         # A short prefix keeps the Unix socket path below the ~107 byte limit.
@@ -89,16 +99,13 @@ class ServerControl:
         # the message can name the culprit, rather than in a terse initdb failure.
         if self._account is None:
             return
-        uid, gid = self._account
-        for directory in reversed(path.parents):
-            st = directory.stat()
-            bit = 0o100 if st.st_uid == uid else 0o010 if st.st_gid == gid else 0o001
-            if not st.st_mode & bit:
-                raise LocalPostgresError(
-                    f"The server runs as the `postgres` OS user (PostgreSQL refuses root), "
-                    f"which cannot enter {directory} to reach {path}. Use a data_dir it can "
-                    f"reach (e.g. under {tempfile.gettempdir()}) or `chmod o+x {directory}`."
-                )
+        directory = reachable_by(path, self._account)
+        if directory is not None:
+            raise LocalPostgresError(
+                f"The server runs as the `{account_name(self._account)}` OS user (PostgreSQL "
+                f"refuses root), which cannot enter {directory} to reach {path}. Use a data "
+                f"folder it can reach (e.g. under {tempfile.gettempdir()})."
+            )
 
     def _run(self, program: str, *args: str) -> subprocess.CompletedProcess[str]:
         assert self._bin is not None, "find_pg_bin() runs first, in start()"
@@ -166,6 +173,17 @@ class ServerControl:
         if self.hba:
             lines = [_HBA_BEGIN, *self.hba, _HBA_END, *lines]
         hba.write_text("\n".join(lines) + "\n")
+
+    def _check_major_version(self) -> None:
+        # A data folder is readable only by the major version that made it.
+        made_by = (self.data_dir / "PG_VERSION").read_text().strip()
+        if made_by != self.version.split(".")[0]:
+            raise LocalPostgresError(
+                f"The data folder {self.data_dir} was made by PostgreSQL {made_by}; the server "
+                f"binaries found are PostgreSQL {self.version} ({self._bin}). Remove the folder "
+                f"to start afresh (rm -rf {self.data_dir}: its data is lost), or set PG_BIN to "
+                f"PostgreSQL {made_by}'s binaries."
+            )
 
     def _pg_ctl_start(self, *, retry_if_port_taken: bool) -> bool:
         """Start the server; False means the port was taken and the caller may retry."""

@@ -67,8 +67,8 @@ and a test module::
         assert neon_db_session.scalar(sa.select(sa.func.count()).select_from(Note)) == 0
 
 Run ``pytest``: without ``FLASK_NEON_TEST_URL`` the plugin needs the PostgreSQL server
-programs (``apt-get install postgresql``, ``brew install postgresql`` or
-``pip install pgserver``); with neither, the run stops with one message saying so.
+programs (``pip install 'flask-neon[local]'``, ``apt-get install postgresql`` or
+``brew install postgresql``); with neither, the run stops with one message saying so.
 
 Limits:
     * Only ``db.session`` and ``db.read_session`` join the test's transaction. Code that opens

@@ -24,9 +24,9 @@ CONNECT_TIMEOUT = 10
 
 _EXAMPLE_URL = "postgresql://user:password@localhost:5432/myapp_test"
 _INSTALL_HINT = (
-    "install the PostgreSQL server programs (`apt-get install postgresql`, "
-    "`brew install postgresql` or `pip install pgserver`), and the tests start a throwaway "
-    "server of their own"
+    "install the PostgreSQL server programs (`pip install 'flask-neon[local]'`, "
+    "`apt-get install postgresql` or `brew install postgresql`), and the tests start a "
+    "throwaway server of their own"
 )
 
 
