@@ -279,12 +279,12 @@ def install_slow_query_log(engine: sa.Engine, threshold_ms: int) -> None:
     threshold = threshold_ms / 1000
 
     @event.listens_for(engine, "before_cursor_execute", named=True)
-    def _start(connection: sa.Connection, **_: t.Any) -> None:
-        connection.info["flask_neon.query_started"] = time.perf_counter()
+    def _start(conn: sa.Connection, **_: t.Any) -> None:
+        conn.info["flask_neon.query_started"] = time.perf_counter()
 
     @event.listens_for(engine, "after_cursor_execute", named=True)
-    def _finish(connection: sa.Connection, statement: str, **_: t.Any) -> None:
-        started = connection.info.pop("flask_neon.query_started", None)
+    def _finish(conn: sa.Connection, statement: str, **_: t.Any) -> None:
+        started = conn.info.pop("flask_neon.query_started", None)
         if started is None:
             return
         elapsed = time.perf_counter() - started
