@@ -13,8 +13,10 @@ from sqlalchemy import orm
 from . import health
 from .assembly import build_state
 from .cli import CLIConfigError, db_check
+from .compat import FlaskSQLAlchemyAPI
 from .errors import DatabaseUnavailableError, NeonConfigError, NeonStateError, classify
 from .handlers import register_error_handlers
+from .models import model_base
 from .monitoring import Leak
 from .profiles import PoolConfig
 from .settings import NeonSettings
@@ -36,7 +38,7 @@ NAMING_CONVENTION = {
 }
 
 
-class NeonDB:
+class NeonDB(FlaskSQLAlchemyAPI):
     """Connect a Flask app to PostgreSQL (Neon first of all).
 
     Example::
@@ -83,9 +85,8 @@ class NeonDB:
         #:     class Note(db.Model):
         #:         __tablename__ = "notes"
         #:         id: Mapped[int] = mapped_column(primary_key=True)
-        self.Model: type[orm.DeclarativeBase] = model_class or t.cast(
-            type[orm.DeclarativeBase],
-            type("Model", (orm.DeclarativeBase,), {"metadata": self.metadata}),
+        self.Model: type[orm.DeclarativeBase] = model_base(
+            self.metadata, lambda: self.session, model_class
         )
         self.session_options = dict(session_options or {})
         self.env_file = env_file
@@ -176,15 +177,18 @@ class NeonDB:
         """The current app's engine. Needs an app context."""
         return self._state(what="db.engine").engine
 
-    def get_engine(self, app: Flask | None = None) -> sa.Engine:
+    def get_engine(self, app: Flask | None = None, bind: str | None = None) -> sa.Engine:
         """The engine for schema changes and admin work: Flask-Migrate's hook.
 
         This is :attr:`engine` itself, unless ``DB_URL`` goes through a pooler: then it is an
         engine on the direct host (``DB_DIRECT_URL``, or the Neon host without ``-pooler``),
         because migrations need session state that a transaction-mode pooler drops.
         Flask-Migrate's ``env.py`` calls ``db.get_engine()`` first, so ``flask db upgrade``
-        runs on the direct host with no change to ``env.py``.
+        runs on the direct host with no change to ``env.py``. ``bind`` must be None (the
+        default database; Flask-Migrate's multi-database template asks for it).
         """
+        if bind is not None:
+            raise NeonStateError(f"no bind {bind!r}: flask-neon has one database per app")
         return self._state(app, "db.get_engine()").admin_engine
 
     @property

@@ -38,12 +38,50 @@ def load_settings(
     overrides = {
         name: config[key_for(name)] for name in fields if config.get(key_for(name)) is not None
     }
+    overrides.update(_aliases(config, overrides, env_file))
     try:
         settings = NeonSettings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:
         # ``from None``: pydantic's own text repeats the input, which may be the password.
         raise NeonConfigError(_explain(exc)) from None
     return LoadedSettings(settings, _sources(overrides, env_file))
+
+
+#: Flask-SQLAlchemy's config keys, read where the DB_* key is not set.
+ALIASES = {"url": "SQLALCHEMY_DATABASE_URI", "echo": "SQLALCHEMY_ECHO"}
+
+
+def _aliases(
+    config: t.Mapping[str, t.Any],
+    overrides: t.Mapping[str, t.Any],
+    env_file: str | os.PathLike[str] | None,
+) -> dict[str, t.Any]:
+    """Values given under Flask-SQLAlchemy's names; the same setting under two names must agree."""
+    found = {}
+    for name, alias in ALIASES.items():
+        value = config.get(alias)
+        if value is None:
+            continue
+        if name in overrides and overrides[name] != value:
+            raise NeonConfigError(
+                f"{key_for(name)} and {alias} are both set, to different values; "
+                f"they name one setting: keep one of them."
+            )
+        found[name] = value
+    if "url" not in overrides and "url" not in found:
+        # What Neon's integrations, Heroku and Render set, read when no DB_URL is given.
+        url = os.environ.get("DATABASE_URL")
+        if url and not os.environ.get(key_for("url")) and not _in_dotenv(env_file, "DB_URL"):
+            found["url"] = url
+    return found
+
+
+def _in_dotenv(env_file: str | os.PathLike[str] | None, key: str) -> bool:
+    if env_file is None or not os.path.isfile(env_file):
+        return False
+    from dotenv import dotenv_values
+
+    return bool(dotenv_values(env_file).get(key))
 
 
 def _sources(

@@ -12,13 +12,14 @@ PACKAGE = pathlib.Path(flask_neon.__file__).resolve().parent
 
 #: Bottom to top. A module imports only from layers below its own.
 LAYERS: list[set[str]] = [
-    {"errors", "retry", "driver"},
+    {"errors", "retry", "driver", "pagination"},
+    {"models"},
     {"settings", "url", "probe", "monitoring"},
     {"settings_loader", "metrics"},
     {"profiles"},
     {"engine"},
     {"state"},
-    {"assembly", "handlers", "reports"},
+    {"assembly", "handlers", "reports", "compat"},
     {"health", "cli"},
     {"extension"},
     {"__init__"},

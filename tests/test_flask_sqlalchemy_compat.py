@@ -1,0 +1,209 @@
+"""One app written for Flask-SQLAlchemy 3.1, run unchanged on Flask-SQLAlchemy and on flask-neon
+(only the import and the constructor differ), against real PostgreSQL: the same answers."""
+
+from __future__ import annotations
+
+import typing as t
+import uuid
+from collections.abc import Iterator
+
+import flask_sqlalchemy
+import pytest
+import sqlalchemy as sa
+from flask import Flask, request
+
+from flask_neon import NeonConfigError, NeonDB
+from flask_neon.models import table_name
+
+from .conftest import admin_execute
+
+
+def blog_app(db: t.Any, url: str) -> Flask:
+    """A small Flask-SQLAlchemy blog; ``db`` is ``SQLAlchemy()`` or ``NeonDB()``."""
+    app = Flask(f"blog_{uuid.uuid4().hex[:6]}")
+    app.config["SQLALCHEMY_DATABASE_URI"] = url
+
+    class User(db.Model):  # type: ignore[name-defined, misc]
+        id = db.Column(db.Integer, primary_key=True)
+        name = db.Column(db.String(50), unique=True, nullable=False)
+
+    class BlogPost(db.Model):  # type: ignore[name-defined, misc]
+        id = db.Column(db.Integer, primary_key=True)
+        title = db.Column(db.String(100), nullable=False)
+        user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False)
+        author = db.relationship(User, backref="posts")
+
+    db.init_app(app)
+
+    @app.post("/users")
+    def create_user() -> tuple[dict[str, t.Any], int]:
+        user = User(name=request.json["name"])  # type: ignore[index]
+        db.session.add(user)
+        try:
+            db.session.commit()
+        except sa.exc.IntegrityError:
+            db.session.rollback()
+            return {"error": "taken"}, 409
+        for number in range(request.json.get("posts", 0)):  # type: ignore[union-attr]
+            db.session.add(BlogPost(title=f"post {number}", author=user))
+        db.session.commit()
+        return {"id": user.id}, 201
+
+    @app.get("/users/<int:ident>")
+    def get_user(ident: int) -> dict[str, t.Any]:
+        user = db.get_or_404(User, ident, description="no such user")
+        return {"name": user.name, "posts": len(user.posts)}
+
+    @app.get("/legacy/users/<int:ident>")
+    def legacy_user(ident: int) -> dict[str, t.Any]:
+        return {"name": User.query.get_or_404(ident).name}
+
+    @app.get("/users/by-name/<name>")
+    def by_name(name: str) -> dict[str, t.Any]:
+        first = db.first_or_404(db.select(User).filter_by(name=name))
+        one = db.one_or_404(db.select(User).filter_by(name=name), description="not one")
+        return {"first": first.id, "one": one.id}
+
+    @app.get("/posts")
+    def posts() -> dict[str, t.Any]:
+        page = db.paginate(db.select(BlogPost).order_by(BlogPost.id), max_per_page=5)
+        return pagination(page, lambda post: post.title)
+
+    @app.get("/legacy/users")
+    def legacy_users() -> dict[str, t.Any]:
+        page = User.query.order_by(User.id).paginate(error_out=False)
+        return pagination(page, lambda user: user.name)
+
+    @app.get("/schema")
+    def schema() -> dict[str, t.Any]:
+        return {"tables": sorted(db.metadata.tables), "engines": list(db.engines)}
+
+    with app.app_context():
+        db.create_all()
+    return app
+
+
+PAGE_FIELDS = ("page", "per_page", "total", "pages", "first", "last", "has_prev", "prev_num")
+PAGE_FIELDS += ("has_next", "next_num")
+
+
+def pagination(page: t.Any, show: t.Callable[[t.Any], t.Any]) -> dict[str, t.Any]:
+    return {
+        "items": [show(item) for item in page],
+        **{name: getattr(page, name) for name in PAGE_FIELDS},
+        "iter_pages": list(page.iter_pages()),
+        "next": [show(item) for item in page.next().items] if page.has_next else None,
+    }
+
+
+SCRIPT: list[tuple[str, str, dict[str, t.Any] | None]] = [
+    ("POST", "/users", {"name": "ada", "posts": 23}),
+    ("POST", "/users", {"name": "bob", "posts": 1}),
+    ("POST", "/users", {"name": "ada"}),  # unique violation
+    ("GET", "/users/1", None),
+    ("GET", "/users/99", None),  # 404 with a description
+    ("GET", "/legacy/users/2", None),
+    ("GET", "/legacy/users/99", None),
+    ("GET", "/users/by-name/bob", None),
+    ("GET", "/users/by-name/nobody", None),
+    ("GET", "/posts", None),
+    ("GET", "/posts?page=3&per_page=4", None),
+    ("GET", "/posts?page=2&per_page=50", None),  # capped by max_per_page
+    ("GET", "/posts?page=99", None),  # out of range: 404
+    ("GET", "/posts?page=0", None),
+    ("GET", "/posts?page=x", None),
+    ("GET", "/legacy/users?page=7", None),  # out of range without error_out
+    ("GET", "/schema", None),
+]
+
+
+@pytest.fixture
+def two_databases(database_url: str) -> Iterator[tuple[str, str]]:
+    names = [f"compat_{uuid.uuid4().hex[:8]}" for _ in range(2)]
+    urls = []
+    for name in names:
+        admin_execute(database_url, f'CREATE DATABASE "{name}"')
+        urls.append(sa.make_url(database_url).set(database=name).render_as_string(False))
+    yield urls[0], urls[1]
+    for name in names:
+        admin_execute(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def answers(app: Flask) -> list[tuple[int, t.Any]]:
+    client = app.test_client()
+    replies = [client.open(path, method=method, json=body) for method, path, body in SCRIPT]
+    return [(reply.status_code, reply.get_json(silent=True) or reply.text) for reply in replies]
+
+
+# Query.get() is SQLAlchemy 2's legacy API: a warning in real apps, not the error this suite's
+# filterwarnings makes of it.
+@pytest.mark.filterwarnings("ignore::sqlalchemy.exc.LegacyAPIWarning")
+def test_the_same_app_answers_the_same(two_databases: tuple[str, str]) -> None:
+    theirs, ours = flask_sqlalchemy.SQLAlchemy(), NeonDB(env_file=None)
+    original, migrated = blog_app(theirs, two_databases[0]), blog_app(ours, two_databases[1])
+    try:
+        expected, actual = answers(original), answers(migrated)
+    finally:
+        for db, app in ((theirs, original), (ours, migrated)):
+            with app.app_context():
+                db.engine.dispose()
+    assert actual == expected
+    statuses = [status for status, _ in expected]
+    assert (
+        statuses
+        == [201, 201, 409, 200, 404, 200, 404, 200, 404] + [200] * 3 + [404] * 3 + [200] * 2
+    )
+    assert "no such user" in expected[4][1]
+    assert expected[-1][1]["tables"] == ["blog_post", "user"]
+
+
+@pytest.mark.parametrize(
+    ("name", "table"),
+    [
+        ("User", "user"),
+        ("BlogPost", "blog_post"),
+        ("HTTPRequest", "http_request"),
+        ("APIKey2", "api_key2"),
+        ("Item", "item"),
+        ("ABC", "abc"),
+    ],
+)
+def test_table_names_are_derived_as_flask_sqlalchemy_derives_them(name: str, table: str) -> None:
+    assert table_name(name) == table == flask_sqlalchemy.model.camel_to_snake_case(name)
+
+
+def test_iter_pages_matches_flask_sqlalchemy() -> None:
+    from flask_sqlalchemy.pagination import Pagination as Theirs
+
+    from flask_neon.pagination import Pagination as Ours
+
+    class Fixed(Theirs):
+        def _query_items(self) -> list[t.Any]:
+            return [1]
+
+        def _query_count(self) -> int:
+            return int(self._query_args["total"])
+
+    for total in (0, 1, 19, 20, 21, 100, 400):
+        for page in range(1, max(2, total // 20 + 2)):
+            theirs = Fixed(page=page, per_page=20, error_out=False, total=total)
+            ours = Ours(
+                lambda offset, limit: [1],
+                lambda total=total: total,
+                page=page,
+                per_page=20,
+                error_out=False,
+            )
+            assert list(ours.iter_pages()) == list(theirs.iter_pages()), (total, page)
+            assert (ours.pages, ours.has_next, ours.next_num) == (
+                theirs.pages,
+                theirs.has_next,
+                theirs.next_num,
+            )
+
+
+def test_two_names_for_one_setting_must_agree(database_url: str) -> None:
+    app = Flask("conflict")
+    app.config.update(DB_URL=database_url, SQLALCHEMY_DATABASE_URI=database_url + "x")
+    with pytest.raises(NeonConfigError, match="DB_URL and SQLALCHEMY_DATABASE_URI"):
+        NeonDB(app, env_file=None)
