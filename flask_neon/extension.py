@@ -141,6 +141,7 @@ class NeonDB(FlaskSQLAlchemyAPI):
         if settings.error_handler:
             register_error_handlers(app)
         app.cli.add_command(db_check)
+        app.shell_context_processor(self._shell_context)
         log.info(
             "flask-neon: app %r uses %s (%s host%s%s), profile %s, pool %s, session limits %s",
             app.name,
@@ -154,6 +155,11 @@ class NeonDB(FlaskSQLAlchemyAPI):
             {k: v for k, v in state.pool.as_dict().items() if k != "profile"},
             state.session_limits,
         )
+
+    def _shell_context(self) -> dict[str, t.Any]:
+        """``flask shell`` starts with ``db`` and every model, as with Flask-SQLAlchemy."""
+        models = {mapper.class_.__name__: mapper.class_ for mapper in self.Model.registry.mappers}
+        return {"db": self, **models}
 
     def _state(self, app: Flask | None = None, what: str = "db.engine") -> NeonState:
         if app is None and not has_app_context():

@@ -207,3 +207,17 @@ def test_two_names_for_one_setting_must_agree(database_url: str) -> None:
     app.config.update(DB_URL=database_url, SQLALCHEMY_DATABASE_URI=database_url + "x")
     with pytest.raises(NeonConfigError, match="DB_URL and SQLALCHEMY_DATABASE_URI"):
         NeonDB(app, env_file=None)
+
+
+def test_flask_shell_has_db_and_the_models(database_url: str) -> None:
+    db = NeonDB(env_file=None)
+    app = blog_app(db, database_url)
+    try:
+        context = app.make_shell_context()
+        assert context["db"] is db
+        assert {"User", "BlogPost"} <= set(context)
+        assert context["User"].__tablename__ == "user"
+    finally:
+        with app.app_context():
+            db.drop_all()
+            db.engine.dispose()
