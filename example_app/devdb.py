@@ -17,6 +17,7 @@ import psycopg2  # type: ignore[import-untyped]
 import sqlalchemy as sa
 from dotenv import dotenv_values
 from flask import Flask
+from flask.cli import NoAppException
 
 if t.TYPE_CHECKING:
     from flask_neon.local import LocalPostgres
@@ -53,7 +54,13 @@ def use_local_database(app: Flask) -> LocalPostgres | None:
             server failed to start; the message says what to install or set.
     """
     # Imported here, when needed: an app with DB_URL set never loads the local server code.
-    from flask_neon.local import LocalPostgres, data_dir_for
+    from flask_neon.local import LocalPostgres, LocalPostgresError, data_dir_for
+
+    class LocalDatabaseError(LocalPostgresError, NoAppException):
+        """The local server could not start: one line from ``flask``, not a traceback."""
+
+        def __init__(self, message: str) -> None:
+            NoAppException.__init__(self, message)
 
     # As root, a project folder the server user cannot enter keeps its data elsewhere.
     data_dir = data_dir_for(pathlib.Path(app.instance_path) / "pgdata")
@@ -72,7 +79,11 @@ def use_local_database(app: Flask) -> LocalPostgres | None:
 
     # LocalPostgres stops the server at interpreter exit by itself, and only in the process
     # that started it, so a reloaded child never stops its parent's server.
-    cluster = LocalPostgres(data_dir, database=DATABASE).start()
+    try:
+        cluster = LocalPostgres(data_dir, database=DATABASE).start()
+    except LocalPostgresError as exc:
+        # `flask run` prints a NoAppException as one line; anything else as a traceback.
+        raise LocalDatabaseError(str(exc)) from None
     app.config["DB_URL"] = cluster.url
     app.logger.warning(
         "DB_URL is not set: started a local PostgreSQL %s (%s) on port %d, data in %s "

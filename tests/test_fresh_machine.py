@@ -169,3 +169,16 @@ def test_as_a_plain_user() -> None:
         print(f"plain user: first start {first['seconds']} s, second {second['seconds']} s")
     finally:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_without_binaries_flask_prints_one_line_naming_the_extra(tmp_path: pathlib.Path) -> None:
+    project = project_copy(tmp_path)
+    env = {"PYTHONPATH": os.pathsep.join(map(str, [project, REPO_ROOT, SITE_PACKAGES]))}
+    result = hidden_binaries(
+        [sys.executable, "-m", "flask", "--app", "example_app", "routes"],
+        cwd=project,
+        env={**env, "PG_BIN": "system"},  # the wheel set aside too: no binaries at all
+    )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert "pip install 'flask-neon[local]'" in result.stderr

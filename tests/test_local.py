@@ -16,7 +16,13 @@ import pytest
 import sqlalchemy as sa
 
 from flask_neon import local
-from flask_neon.local import LocalPostgres, LocalPostgresError, ensure_database_url, find_pg_bin
+from flask_neon.local import (
+    LocalPostgres,
+    LocalPostgresError,
+    ensure_database_url,
+    find_pg_bin,
+    server_account,
+)
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 #: The directory holding the flask_neon package, for PYTHONPATH in subprocesses.
@@ -414,3 +420,26 @@ def test_a_data_folder_of_another_major_version_is_refused_with_both_named(
     assert f"made by PostgreSQL {old.version.split('.')[0]}" in message
     assert "PostgreSQL 18" in message
     assert f"rm -rf {data_dir}" in message
+
+
+def test_a_data_folder_of_another_user_is_named_with_its_owner(
+    reachable_dir: pathlib.Path,
+) -> None:
+    data_dir = reachable_dir / "pgdata"
+    data_dir.mkdir()
+    other = 65534 if os.geteuid() == 0 and server_account() != (65534, 65534) else None
+    if other is None:
+        pytest.skip("needs root, to give the folder to another user")
+    os.chown(data_dir, other, other)
+    with pytest.raises(LocalPostgresError, match=r"belongs to the user nobody") as info:
+        LocalPostgres(data_dir).start()
+    assert f"rm -rf {data_dir}" in str(info.value)
+
+
+def test_a_folder_that_cannot_be_made_is_one_line_naming_it(tmp_path: pathlib.Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(LocalPostgresError) as info:
+        LocalPostgres(blocker / "pgdata").start()
+    assert str(blocker) in str(info.value)
+    assert "\n" not in str(info.value)

@@ -79,20 +79,49 @@ class ServerControl:
             os.chown(path, *self._account)
 
     def _prepare_dirs(self) -> None:
-        if self._temp_root is not None:
-            # mkdtemp makes a 0700 directory, which the server user must be able to enter.
-            self._chown(self._temp_root)
-        self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._chown(self.socket_dir)
-        if not self.data_dir.exists():
-            self.data_dir.mkdir(mode=0o700, parents=True)
-            self._chown(self.data_dir)
-        if not self.log_file.exists():
-            # Created here so the server user needs no write access to the parent.
-            self.log_file.touch(mode=0o600)
-            self._chown(self.log_file)
+        try:
+            if self._temp_root is not None:
+                # mkdtemp makes a 0700 directory, which the server user must be able to enter.
+                self._chown(self._temp_root)
+            self.socket_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._chown(self.socket_dir)
+            if not self.data_dir.exists():
+                self.data_dir.mkdir(mode=0o700, parents=True)
+                self._chown(self.data_dir)
+            if not self.log_file.exists():
+                # Created here so the server user needs no write access to the parent.
+                self.log_file.touch(mode=0o600)
+                self._chown(self.log_file)
+        except OSError as exc:
+            # A read-only or full disk, a folder of another user: one line naming the path.
+            raise LocalPostgresError(
+                f"Cannot prepare the local PostgreSQL's folders: {exc.strerror}: "
+                f"{exc.filename or self.data_dir}"
+            ) from None
+        self._check_owner()
         self._check_reachable(self.data_dir)
         self._check_reachable(self.socket_dir)
+
+    def _check_owner(self) -> None:
+        # PostgreSQL runs only on a data folder owned by the user it runs as.
+        if not hasattr(os, "geteuid"):
+            return
+        owner = self.data_dir.stat().st_uid
+        expected = self._account[0] if self._account is not None else os.geteuid()
+        if owner != expected:
+            import pwd
+
+            def name(uid: int) -> str:
+                try:
+                    return pwd.getpwuid(uid).pw_name
+                except KeyError:
+                    return str(uid)
+
+            raise LocalPostgresError(
+                f"The data folder {self.data_dir} belongs to the user {name(owner)}, but the "
+                f"server would run as {name(expected)}. Start it as {name(owner)}, or remove "
+                f"the folder to start afresh (rm -rf {self.data_dir}: its data is lost)."
+            )
 
     def _check_reachable(self, path: pathlib.Path) -> None:
         # Root may enter any directory, but the server user may not: catch that here, where
