@@ -68,12 +68,12 @@ class NeonDB:
         session_options: dict[str, t.Any] | None = None,
         env_file: str | os.PathLike[str] | None = ".env",
     ) -> None:
-        if model_class is not None and metadata not in (None, model_class.metadata):
-            raise NeonConfigError(
-                "NeonDB(metadata=..., model_class=...): the metadata is not the model class's; "
-                "give one of them."
-            )
         if model_class is not None:
+            if metadata not in (None, model_class.metadata):
+                raise NeonConfigError(
+                    "NeonDB(metadata=..., model_class=...): the metadata is not the model "
+                    "class's; give one of them."
+                )
             metadata = model_class.metadata
         self.metadata = (
             metadata if metadata is not None else sa.MetaData(naming_convention=NAMING_CONVENTION)
@@ -242,17 +242,16 @@ class NeonDB:
         only when it first runs a query, and at teardown it is rolled back and closed: nothing
         is committed unless you call ``db.session.commit()``.
         """
-        session = g.get(_SESSION_KEY) if has_app_context() else None
-        if session is not None:
-            return t.cast(orm.Session, session)
-        return self._new_session(_SESSION_KEY, "db.session")
+        return self._session(_SESSION_KEY, "db.session")
 
-    def _new_session(self, key: str, what: str) -> orm.Session:
-        state = self._state(what=what)
-        maker = state.sessionmaker if key == _SESSION_KEY else state.read_sessionmaker
-        session = maker()
-        setattr(g, key, session)
-        return session
+    def _session(self, key: str, what: str) -> orm.Session:
+        session = g.get(key) if has_app_context() else None
+        if session is None:
+            state = self._state(what=what)
+            maker = state.sessionmaker if key == _SESSION_KEY else state.read_sessionmaker
+            session = maker()
+            setattr(g, key, session)
+        return t.cast(orm.Session, session)
 
     @property
     def read_session(self) -> orm.Session:
@@ -262,10 +261,7 @@ class NeonDB:
         it falls back to the primary. The replica lags behind the primary: reads that must see
         this request's own writes belong on :attr:`session`. Closed at teardown like it.
         """
-        session = g.get(_READ_SESSION_KEY) if has_app_context() else None
-        if session is not None:
-            return t.cast(orm.Session, session)
-        return self._new_session(_READ_SESSION_KEY, "db.read_session")
+        return self._session(_READ_SESSION_KEY, "db.read_session")
 
     def _teardown(self, exc: BaseException | None) -> None:
         """Return this app context's connections to the pool.
