@@ -193,7 +193,8 @@ def _run_check(
     checked_url = state.admin.url
     backoff = Backoff(time.monotonic() + wait)
     while True:
-        result, _ = checker.check(use_cache=False, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        result, _ = checker.wait(checker.start(use_cache=False), deadline)
         cause = result.cause
         # Only what waiting can fix is waited for (a wrong password is reported at once).
         if cause is None or not cause.transient:

@@ -9,10 +9,6 @@ The events installed here are the reason flask-neon survives Neon's failure mode
 * connect retries with backoff and jitter, bounded by ``DB_CONNECT_TIMEOUT``, for computes
   that are waking up;
 * fork safety: a forked child never touches its parent's sockets.
-
-With ``DB_FAST_BEGIN``, :func:`flask_neon.driver.install` sends ``BEGIN`` and, through a
-pooler, the ``SET LOCAL`` limits with each transaction's first statement; the connections stay
-psycopg2's own.
 """
 
 from __future__ import annotations
@@ -79,7 +75,6 @@ def make_engine(
     mode = limits_mode(settings, pooled)
     limits = limit_parameters(settings)
     connect_args = _connect_args(url, settings, application_name)
-    fast_begin = settings.fast_begin and driver.AVAILABLE
     if mode == "startup" and limits:
         flags = " ".join(f"-c {name}={value}" for name, value in limits.items())
         user_options = url.query_dict.get("options", "")
@@ -108,8 +103,8 @@ def make_engine(
         if mode == "transaction"
         else ""
     )
-    if fast_begin:
-        # They travel with BEGIN and the first statement: no extra round trip.
+    if settings.fast_begin and driver.AVAILABLE:
+        # They travel with BEGIN and the first statement (flask_neon.driver): no round trip.
         driver.install(engine, per_transaction)
     elif per_transaction:
         _install_per_transaction_limits(engine, per_transaction)

@@ -6,8 +6,10 @@ import logging
 import os
 import typing as t
 
+import click
 import sqlalchemy as sa
 from flask import Flask, current_app, g, has_app_context
+from flask.cli import FlaskGroup
 from sqlalchemy import orm
 
 from . import health
@@ -136,7 +138,7 @@ class NeonDB:
         app.extensions[EXTENSION_KEY] = state
         app.teardown_appcontext(self._teardown)
         if settings.health_enabled:
-            health.register(app, settings.health_prefix.rstrip("/") or "")
+            app.register_blueprint(health.make_blueprint(settings.health_prefix.rstrip("/")))
         if settings.error_handler:
             register_error_handlers(app)
         app.cli.add_command(db_check)
@@ -185,7 +187,7 @@ class NeonDB:
         Flask-Migrate's ``env.py`` calls ``db.get_engine()`` first, so ``flask db upgrade``
         runs on the direct host with no change to ``env.py``.
         """
-        return self._state(app, "db.get_engine()").admin_engine
+        return self._state(app, "db.get_engine()").admin.engine
 
     @property
     def read_engine(self) -> sa.Engine:
@@ -298,9 +300,6 @@ class NeonDB:
 
 def _loading_for_cli_command() -> bool:
     """True while ``flask <command>`` loads the app to find a command of the app's."""
-    import click
-    from flask.cli import FlaskGroup
-
     context = click.get_current_context(silent=True)
     return context is not None and isinstance(context.command, FlaskGroup)
 

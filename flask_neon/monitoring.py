@@ -50,14 +50,12 @@ class PoolObserver(t.Protocol):
 
 
 class MeasuredQueuePool(QueuePool):
-    """A QueuePool that reports each checkout, its wait and its timeout to its monitor."""
+    """A QueuePool that reports each checkout, its wait and its timeout to its monitor, which
+    :meth:`PoolMonitor.install` sets before the first checkout."""
 
-    monitor: PoolMonitor | None = None
+    monitor: PoolMonitor
 
     def _do_get(self) -> ConnectionPoolEntry:
-        monitor = self.monitor
-        if monitor is None:
-            return super()._do_get()
         started = time.perf_counter()
         # Counted here rather than in a checkout listener: one less event per request.
         timed_out = False
@@ -67,13 +65,12 @@ class MeasuredQueuePool(QueuePool):
             timed_out = True
             raise
         finally:
-            monitor.checked_out(self, time.perf_counter() - started, timed_out)
+            self.monitor.checked_out(self, time.perf_counter() - started, timed_out)
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         super()._do_return_conn(record)
-        if self.monitor is not None:
-            for observer in self.monitor.observers:
-                observer.returned(self)
+        for observer in self.monitor.observers:
+            observer.returned(self)
 
     def recreate(self) -> QueuePool:
         pool = t.cast(MeasuredQueuePool, super().recreate())

@@ -78,26 +78,14 @@ def _ms(started: float) -> float:
 class HealthChecker:
     """Bounded, cached, single-flight probes of one engine."""
 
-    def __init__(
-        self, engine: t.Any, secrets: list[str], timeout: float, cache_seconds: float
-    ) -> None:
+    def __init__(self, engine: t.Any, secrets: list[str], cache_seconds: float) -> None:
         self.engine = engine
         self.secrets = secrets
-        self.timeout = timeout
         self.cache_seconds = cache_seconds
         self._lock = threading.Lock()
         self._inflight: concurrent.futures.Future[ProbeResult] | None = None
         self._last: ProbeResult | None = None
         self._last_at = 0.0
-
-    def check(
-        self, *, use_cache: bool = True, timeout: float | None = None
-    ) -> tuple[ProbeResult, bool]:
-        """The latest result and whether it came from the cache."""
-        started = time.monotonic()
-        pending = self.start(use_cache=use_cache)
-        deadline = started + (self.timeout if timeout is None else timeout)
-        return self.wait(pending, deadline)
 
     def start(
         self, *, use_cache: bool = True
