@@ -18,6 +18,7 @@ from .cli import CLIConfigError, db_check
 from .errors import DatabaseUnavailableError, NeonConfigError, NeonStateError, classify
 from .handlers import register_error_handlers
 from .monitoring import Leak
+from .probe import run_probe
 from .profiles import PoolConfig
 from .settings import NeonSettings
 from .state import EXTENSION_KEY, NeonState
@@ -305,13 +306,10 @@ def _loading_for_cli_command() -> bool:
 
 
 def _check_connection(state: NeonState) -> None:
-    try:
-        with state.engine.connect() as connection:
-            connection.exec_driver_sql("SELECT 1")
-    except Exception as exc:
+    # The probe classifies a failure; the driver's traceback adds nothing to that cause.
+    cause = run_probe(state.engine, state.url.secrets()).cause
+    if cause is not None:
         state.engine.dispose()
-        cause = classify(exc, state.url.secrets())
-        # ``from None``: the driver's traceback adds nothing the classified cause lacks.
         raise DatabaseUnavailableError(
             cause, f"DB_CONNECT_ON_START: cannot reach {state.url.masked()}"
-        ) from None
+        )

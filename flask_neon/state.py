@@ -1,9 +1,5 @@
-"""What flask-neon holds for one app, and how the operator surfaces find it.
-
-A leaf of the package: it imports the building blocks (settings, URLs, engine, monitors) and
-nothing of the surfaces that read it (health, CLI, error handlers, metrics) nor of the
-extension that builds it.
-"""
+"""What flask-neon holds for one app, and how the operator surfaces (health, CLI, error
+handlers) find it."""
 
 from __future__ import annotations
 
