@@ -1,9 +1,5 @@
 """``flask db-check``: can this app reach its database, and how is it configured to?
 
-``flask db-check`` runs one bounded round trip and says what it found; ``--wait`` retries until
-the database answers (container entrypoints, CI); ``flask db-check pool`` and ``flask db-check
-config`` show pool statistics and the effective settings without touching the database.
-
 No output ever carries the database password: the URL is shown masked and driver messages go
 through :func:`~flask_neon.errors.classify`, which masks the secrets of every URL.
 """

@@ -14,6 +14,7 @@ The events installed here are the reason flask-neon survives Neon's failure mode
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import select
@@ -42,7 +43,6 @@ _POLLER = "flask_neon.poller"
 _MIN_ATTEMPT_SECONDS = 2
 
 _engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
-_process_hooks_installed = False
 
 
 def limits_mode(
@@ -110,7 +110,8 @@ def make_engine(
         _install_per_transaction_limits(engine, per_transaction)
     _install_liveness_check(engine, settings.ping_after_idle)
     _install_connect_retry(engine, settings, url.secrets())
-    _register(engine)
+    _engines.add(engine)
+    _install_process_hooks()
     return engine
 
 
@@ -193,7 +194,7 @@ def _has_input(dbapi_connection: t.Any, record: ConnectionPoolEntry) -> bool:
 
 
 def _install_connect_retry(engine: sa.Engine, settings: NeonSettings, secrets: list[str]) -> None:
-    """Retry transient connect failures with exponential backoff and full jitter.
+    """Retry transient connect failures with exponential backoff and jitter.
 
     The whole attempt, retries included, stays within ``DB_CONNECT_TIMEOUT``: each attempt gets
     the time that is left as its libpq ``connect_timeout``. Only opening a connection is
@@ -231,14 +232,11 @@ def _install_connect_retry(engine: sa.Engine, settings: NeonSettings, secrets: l
                 time.sleep(delay)
 
 
-def _register(engine: sa.Engine) -> None:
-    global _process_hooks_installed
-    _engines.add(engine)
-    if not _process_hooks_installed:
-        _process_hooks_installed = True
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_forget_parent_connections)
-        atexit.register(dispose_all)
+@functools.cache  # once per process
+def _install_process_hooks() -> None:
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_forget_parent_connections)
+    atexit.register(dispose_all)
 
 
 def _forget_parent_connections() -> None:

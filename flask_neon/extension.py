@@ -112,22 +112,19 @@ class NeonDB:
                 "per app (NeonDB(app) calls it for you)."
             )
         try:
-            self._init_app(app)
+            state = build_state(
+                self,
+                app.name,
+                app.config,
+                debug=app.debug,
+                env_file=self.env_file,
+                session_options=self.session_options,
+            )
         except NeonConfigError as error:
             if _loading_for_cli_command():
                 # Flask's CLI prints this kind as one line; any other exception as a traceback.
                 raise CLIConfigError(str(error)) from None
             raise
-
-    def _init_app(self, app: Flask) -> None:
-        state = build_state(
-            self,
-            app.name,
-            app.config,
-            debug=app.debug,
-            env_file=self.env_file,
-            session_options=self.session_options,
-        )
         settings = state.settings
         if settings.connect_on_start:
             if _loading_for_cli_command():
