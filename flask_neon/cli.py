@@ -186,7 +186,6 @@ def _run_check(
     # attempt times out, the next one waits for the probe still running instead of starting
     # another thread beside it.
     checker = state.admin.health
-    checked_url = state.admin.url
     backoff = Backoff(time.monotonic() + wait)
     while True:
         deadline = time.monotonic() + timeout
@@ -205,7 +204,7 @@ def _run_check(
                 err=True,
             )
         time.sleep(delay)
-    return reports.report(state, result, backoff.attempts, checked_url, timeout)
+    return reports.report(state, result, backoff.attempts, timeout)
 
 
 # -- helpers -------------------------------------------------------------------------------------

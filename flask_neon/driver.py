@@ -31,9 +31,6 @@ import psycopg2.extensions as ext  # type: ignore[import-untyped]
 import sqlalchemy as sa
 from sqlalchemy import event
 
-_IDLE = ext.TRANSACTION_STATUS_IDLE
-_OPEN = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
-_INERROR = ext.TRANSACTION_STATUS_INERROR
 _base_status = ext.connection.status  # psycopg2's own attribute, past any subclass
 
 # How psycopg2 spells BEGIN's options (psycopg/pqpath.c, pq_begin_locked).
@@ -203,18 +200,18 @@ class FastBegin:
             _set_status(connection, ext.STATUS_READY)
             return False
         status = connection.get_transaction_status()
-        if status == _IDLE:
+        if status == ext.TRANSACTION_STATUS_IDLE:
             _set_status(connection, ext.STATUS_READY)
             return isinstance(exc, Exception)
         if (
-            status == _INERROR
+            status == ext.TRANSACTION_STATUS_INERROR
             and isinstance(exc, psycopg2.Error)
             and exc.diag.statement_position is not None
         ):
             # psycopg2's own rollback() of the transaction it believes it opened.
             ext.connection.rollback(connection)
             return True
-        if status not in _OPEN:
+        if status not in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR):
             _set_status(connection, ext.STATUS_READY)
         return False
 
