@@ -77,9 +77,7 @@ def build_state(
             from .metrics import install_metrics  # prometheus_client only when asked for
 
             install_metrics(engine, monitor, app_name)
-        checker = HealthChecker(
-            engine, secrets, settings.health_timeout, settings.health_cache_seconds
-        )
+        checker = HealthChecker(engine, secrets, settings.health_cache_seconds)
         return AppEngine(url, pooled, engine, monitor, checker)
 
     primary = build(urls.primary, urls.pooled, pool)

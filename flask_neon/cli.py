@@ -1,9 +1,5 @@
 """``flask db-check``: can this app reach its database, and how is it configured to?
 
-``flask db-check`` runs one bounded round trip and says what it found; ``--wait`` retries until
-the database answers (container entrypoints, CI); ``flask db-check pool`` and ``flask db-check
-config`` show pool statistics and the effective settings without touching the database.
-
 No output ever carries the database password: the URL is shown masked and driver messages go
 through :func:`~flask_neon.errors.classify`, which masks the secrets of every URL.
 """
@@ -190,10 +186,10 @@ def _run_check(
     # attempt times out, the next one waits for the probe still running instead of starting
     # another thread beside it.
     checker = state.admin.health
-    checked_url = state.admin.url
     backoff = Backoff(time.monotonic() + wait)
     while True:
-        result, _ = checker.check(use_cache=False, timeout=timeout)
+        deadline = time.monotonic() + timeout
+        result, _ = checker.wait(checker.start(use_cache=False), deadline)
         cause = result.cause
         # Only what waiting can fix is waited for (a wrong password is reported at once).
         if cause is None or not cause.transient:
@@ -208,7 +204,7 @@ def _run_check(
                 err=True,
             )
         time.sleep(delay)
-    return reports.report(state, result, backoff.attempts, checked_url, timeout)
+    return reports.report(state, result, backoff.attempts, timeout)
 
 
 # -- helpers -------------------------------------------------------------------------------------

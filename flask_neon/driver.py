@@ -1,34 +1,23 @@
 """Fast BEGIN: a transaction's ``BEGIN`` travels with its first statement, nothing else changes.
 
-psycopg2 opens every transaction by sending ``BEGIN`` and waiting for the answer before it sends
-the first statement: a request that runs one query pays three round trips (``BEGIN``, the
-query, ``ROLLBACK``). Over the network to Neon each one is a millisecond or more.
+psycopg2 sends ``BEGIN`` and waits for its answer before a transaction's first statement: one
+round trip more per transaction. docs/fast-begin.md explains the mechanism and its proof.
 
-How it is done, and why it cannot change an outcome:
+* The DBAPI connection stays psycopg2's own; nothing of psycopg2 is subclassed or wrapped.
+  psycopg2 keeps one fact about transactions, ``connection.status``: it sends ``BEGIN`` when the
+  flag says "ready", and commit, rollback, named cursors, ``with conn:``... all read it.
+* :func:`install` listens to ``do_execute``, below the ``before_cursor_execute`` events that
+  logging and tracing read, so they see the SQL as written. When psycopg2 would send ``BEGIN``
+  before a plain cursor's single statement, it goes out as ``BEGIN [options]; [limits];
+  statement`` in one message and the flag is set as psycopg2's own ``BEGIN`` sets it.
+* Anything that cannot be made identical runs psycopg2's way: other cursor classes, named
+  cursors, ``executemany``, text with a ``;``. A first statement the server rejected before
+  running anything is replayed psycopg2's way, so the exception and the transaction's state
+  are the ones psycopg2 produces.
 
-* The DBAPI connection stays psycopg2's own, of whatever class the application chose. Nothing
-  of psycopg2 is subclassed, wrapped or imitated.
-* psycopg2 keeps one fact about transactions: a flag, ``connection.status``, that says whether
-  it has sent ``BEGIN`` (:data:`psycopg2.extensions.STATUS_BEGIN`). It sends ``BEGIN`` before a
-  statement when the flag says "ready"; ``commit()``, ``rollback()``, named cursors, large
-  objects, ``with conn:``, ``set_session()``, two-phase commit all read the flag.
-* Only SQLAlchemy's execution path opens a fast transaction: :func:`install` listens to the
-  dialect's ``do_execute`` event, below the ``before_cursor_execute`` events that logging,
-  OpenTelemetry and Sentry read, so they see the SQL the application wrote. When psycopg2
-  would send ``BEGIN`` before a plain cursor's statement, the statement goes out as
-  ``BEGIN [options]; [limits]; statement`` in one message, and the flag is set as psycopg2's
-  own ``BEGIN`` sets it. From there on psycopg2 handles the transaction itself, unchanged.
-* Anything that cannot be made identical runs psycopg2's way and pays its round trip: cursors
-  of another class (a tracing tool's, ``RealDictCursor``), named cursors, ``executemany``, and
-  text with a ``;`` (it may hold several statements). A first statement that the server
-  rejected before running anything is replayed psycopg2's way, so the exception -- type, text,
-  ``LINE 1:`` excerpt and position -- is the one psycopg2 raises, and the transaction is left
-  in the state psycopg2 leaves it in.
-
-The flag is a C field without a setter. :data:`AVAILABLE` is true only when its place in the
-connection object could be read from psycopg2's own attribute descriptor and checked; without
-it (another Python implementation, an unusual build) fast BEGIN stays off and psycopg2 sends
-its ``BEGIN`` as always.
+The flag is a C field without a setter. :data:`AVAILABLE` is true only when its place could be
+read from psycopg2's own attribute descriptor and checked; otherwise psycopg2 sends its
+``BEGIN`` as always.
 """
 
 from __future__ import annotations
@@ -42,9 +31,6 @@ import psycopg2.extensions as ext  # type: ignore[import-untyped]
 import sqlalchemy as sa
 from sqlalchemy import event
 
-_IDLE = ext.TRANSACTION_STATUS_IDLE
-_OPEN = (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR)
-_INERROR = ext.TRANSACTION_STATUS_INERROR
 _base_status = ext.connection.status  # psycopg2's own attribute, past any subclass
 
 # How psycopg2 spells BEGIN's options (psycopg/pqpath.c, pq_begin_locked).
@@ -85,9 +71,12 @@ def _status_offset() -> int | None:
     if not member_pointer:
         return None
     member = _MemberDef.from_address(member_pointer)
-    if member.name != b"status" or member.type != _T_INT or not member.flags & _READONLY:
-        return None
-    if not 0 < member.offset < ext.connection.__basicsize__:
+    if (
+        member.name != b"status"
+        or member.type != _T_INT
+        or not member.flags & _READONLY
+        or not 0 < member.offset < ext.connection.__basicsize__
+    ):
         return None
     return int(member.offset)
 
@@ -101,9 +90,7 @@ def _set_status(connection: t.Any, status: int) -> None:
     """Set psycopg2's own transaction flag, as its ``BEGIN`` / ``ROLLBACK`` set it."""
     assert _STATUS_OFFSET is not None
     field = ctypes.c_int.from_address(id(connection) + _STATUS_OFFSET)
-    if field.value != _base_status.__get__(
-        connection
-    ):  # the layout is not what was checked at import
+    if field.value != _base_status.__get__(connection):  # not the layout checked at import
         raise RuntimeError("psycopg2's connection status field moved; disable DB_FAST_BEGIN")
     field.value = status
 
@@ -213,18 +200,18 @@ class FastBegin:
             _set_status(connection, ext.STATUS_READY)
             return False
         status = connection.get_transaction_status()
-        if status == _IDLE:
+        if status == ext.TRANSACTION_STATUS_IDLE:
             _set_status(connection, ext.STATUS_READY)
             return isinstance(exc, Exception)
         if (
-            status == _INERROR
+            status == ext.TRANSACTION_STATUS_INERROR
             and isinstance(exc, psycopg2.Error)
             and exc.diag.statement_position is not None
         ):
             # psycopg2's own rollback() of the transaction it believes it opened.
             ext.connection.rollback(connection)
             return True
-        if status not in _OPEN:
+        if status not in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR):
             _set_status(connection, ext.STATUS_READY)
         return False
 

@@ -9,15 +9,12 @@ The events installed here are the reason flask-neon survives Neon's failure mode
 * connect retries with backoff and jitter, bounded by ``DB_CONNECT_TIMEOUT``, for computes
   that are waking up;
 * fork safety: a forked child never touches its parent's sockets.
-
-With ``DB_FAST_BEGIN``, :func:`flask_neon.driver.install` sends ``BEGIN`` and, through a
-pooler, the ``SET LOCAL`` limits with each transaction's first statement; the connections stay
-psycopg2's own.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import os
 import select
@@ -46,7 +43,6 @@ _POLLER = "flask_neon.poller"
 _MIN_ATTEMPT_SECONDS = 2
 
 _engines: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
-_process_hooks_installed = False
 
 
 def limits_mode(
@@ -79,7 +75,6 @@ def make_engine(
     mode = limits_mode(settings, pooled)
     limits = limit_parameters(settings)
     connect_args = _connect_args(url, settings, application_name)
-    fast_begin = settings.fast_begin and driver.AVAILABLE
     if mode == "startup" and limits:
         flags = " ".join(f"-c {name}={value}" for name, value in limits.items())
         user_options = url.query_dict.get("options", "")
@@ -108,14 +103,15 @@ def make_engine(
         if mode == "transaction"
         else ""
     )
-    if fast_begin:
-        # They travel with BEGIN and the first statement: no extra round trip.
+    if settings.fast_begin and driver.AVAILABLE:
+        # They travel with BEGIN and the first statement (flask_neon.driver): no round trip.
         driver.install(engine, per_transaction)
     elif per_transaction:
         _install_per_transaction_limits(engine, per_transaction)
     _install_liveness_check(engine, settings.ping_after_idle)
     _install_connect_retry(engine, settings, url.secrets())
-    _register(engine)
+    _engines.add(engine)
+    _install_process_hooks()
     return engine
 
 
@@ -198,7 +194,7 @@ def _has_input(dbapi_connection: t.Any, record: ConnectionPoolEntry) -> bool:
 
 
 def _install_connect_retry(engine: sa.Engine, settings: NeonSettings, secrets: list[str]) -> None:
-    """Retry transient connect failures with exponential backoff and full jitter.
+    """Retry transient connect failures with exponential backoff and jitter.
 
     The whole attempt, retries included, stays within ``DB_CONNECT_TIMEOUT``: each attempt gets
     the time that is left as its libpq ``connect_timeout``. Only opening a connection is
@@ -236,14 +232,11 @@ def _install_connect_retry(engine: sa.Engine, settings: NeonSettings, secrets: l
                 time.sleep(delay)
 
 
-def _register(engine: sa.Engine) -> None:
-    global _process_hooks_installed
-    _engines.add(engine)
-    if not _process_hooks_installed:
-        _process_hooks_installed = True
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=_forget_parent_connections)
-        atexit.register(dispose_all)
+@functools.cache  # once per process
+def _install_process_hooks() -> None:
+    if hasattr(os, "register_at_fork"):
+        os.register_at_fork(after_in_child=_forget_parent_connections)
+    atexit.register(dispose_all)
 
 
 def _forget_parent_connections() -> None:

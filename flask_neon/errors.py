@@ -76,7 +76,7 @@ class _Rule:
     name: str
     title: str
     hint: str
-    transient: bool
+    transient: bool = False
     sqlstates: tuple[str, ...] = ()
     patterns: tuple[str, ...] = ()
 
@@ -106,7 +106,6 @@ _RULES: tuple[_Rule, ...] = (
         "Neon could not tell which endpoint to connect to",
         "The client library does not send SNI. Upgrade psycopg2-binary (>= 2.9.10), or add "
         "options=endpoint%3D<endpoint-id> to DB_URL.",
-        transient=False,
         patterns=(r"endpoint id is not specified", r"inconsistent project name"),
     ),
     _Rule(
@@ -114,7 +113,6 @@ _RULES: tuple[_Rule, ...] = (
         "The connection pooler rejected a startup parameter",
         "PgBouncer only accepts a few startup parameters. Remove 'options' from DB_URL, or set "
         "DB_POOLED=true so flask-neon sends the session limits per transaction instead.",
-        transient=False,
         patterns=(r"unsupported startup parameter",),
     ),
     _Rule(
@@ -122,7 +120,6 @@ _RULES: tuple[_Rule, ...] = (
         "Password authentication failed",
         "Check the user name and password in DB_URL (on Neon: reset the role's password in the "
         "console and copy the new connection string).",
-        transient=False,
         sqlstates=("28P01",),
         patterns=(r"password authentication failed", r"no password supplied"),
     ),
@@ -130,14 +127,12 @@ _RULES: tuple[_Rule, ...] = (
         "role_missing",
         "The role does not exist",
         "Check the user name in DB_URL, or create the role.",
-        transient=False,
         patterns=(r'role "[^"]*" does not exist',),
     ),
     _Rule(
         "database_missing",
         "The database does not exist",
         "Check the database name at the end of DB_URL, or create the database.",
-        transient=False,
         sqlstates=("3D000",),
         patterns=(r'database "[^"]*" does not exist',),
     ),
@@ -146,7 +141,6 @@ _RULES: tuple[_Rule, ...] = (
         "The server certificate does not verify",
         "With sslmode=verify-full or verify-ca the server certificate must be signed by the CA "
         "in sslrootcert (or the system store with sslrootcert=system) and match the host name.",
-        transient=False,
         patterns=(
             r"certificate verify failed",
             r"server certificate for .* does not match host name",
@@ -159,7 +153,6 @@ _RULES: tuple[_Rule, ...] = (
         "TLS is required but not in use",
         "Neon refuses plaintext: add sslmode=require (better: verify-full) to DB_URL. If the "
         "server has no TLS at all, it cannot serve a client that requires it.",
-        transient=False,
         patterns=(
             r"connection is insecure",
             r"server does not support ssl, but ssl was required",
@@ -188,7 +181,6 @@ _RULES: tuple[_Rule, ...] = (
         "The statement was cancelled by statement_timeout",
         "The query ran longer than DB_STATEMENT_TIMEOUT. Make it faster (an index?), or raise "
         "the limit for this work.",
-        transient=False,
         sqlstates=("57014",),
         patterns=(r"canceling statement due to statement timeout",),
     ),
@@ -205,7 +197,6 @@ _RULES: tuple[_Rule, ...] = (
         "read_only",
         "A write was sent to a read-only server",
         "Send writes to the primary (db.session), not to the read replica.",
-        transient=False,
         sqlstates=("25006",),
         patterns=(r"read-only transaction",),
     ),
@@ -258,23 +249,7 @@ _UNKNOWN = _Rule(
     "unknown",
     "The database reported an error",
     "See the detail above; flask-neon does not recognise this failure.",
-    transient=False,
 )
-
-
-def _driver_error(exc: BaseException) -> BaseException:
-    """The psycopg2 exception behind a SQLAlchemy wrapper, or ``exc`` itself."""
-    if isinstance(exc, sa_exc.DBAPIError) and exc.orig is not None:
-        return exc.orig
-    return exc
-
-
-def _message(exc: BaseException) -> str:
-    if isinstance(exc, sa_exc.StatementError):
-        # The wrapper's own text carries the SQL; the driver's message is what names the cause.
-        orig = exc.orig
-        return str(orig) if orig is not None else str(exc).split("\n[SQL:", 1)[0]
-    return str(exc)
 
 
 def classify(exc: BaseException, secrets: t.Iterable[str] = ()) -> ErrorCause:
@@ -283,18 +258,13 @@ def classify(exc: BaseException, secrets: t.Iterable[str] = ()) -> ErrorCause:
     Args:
         exc: A psycopg2 or SQLAlchemy exception (any exception is accepted).
         secrets: Strings to mask in the detail, typically the database password.
-
-    Example::
-
-        try:
-            engine.connect()
-        except Exception as exc:
-            cause = classify(exc, secrets=[password])
-            log.error("%s: %s", cause.title, cause.hint)
     """
-    driver = _driver_error(exc)
+    driver = exc
+    if isinstance(exc, sa_exc.StatementError) and exc.orig is not None:
+        driver = exc.orig  # the psycopg2 exception behind SQLAlchemy's wrapper
+    # A wrapper's own text carries the SQL; the driver's message is what names the cause.
+    text = str(driver).split("\n[SQL:", 1)[0]
     sqlstate = getattr(driver, "pgcode", None)
-    text = _message(exc)
     lowered = text.lower()
     rule = next((r for r in _RULES if sqlstate and sqlstate in r.sqlstates), None) or next(
         (r for r in _RULES if any(re.search(p, lowered) for p in r.patterns)), _UNKNOWN

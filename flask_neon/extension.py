@@ -6,8 +6,10 @@ import logging
 import os
 import typing as t
 
+import click
 import sqlalchemy as sa
 from flask import Flask, current_app, g, has_app_context
+from flask.cli import FlaskGroup
 from sqlalchemy import orm
 
 from . import health
@@ -18,6 +20,7 @@ from .errors import DatabaseUnavailableError, NeonConfigError, NeonStateError, c
 from .handlers import register_error_handlers
 from .models import model_base
 from .monitoring import Leak
+from .probe import run_probe
 from .profiles import PoolConfig
 from .settings import NeonSettings
 from .state import EXTENSION_KEY, NeonState
@@ -70,12 +73,12 @@ class NeonDB(FlaskSQLAlchemyAPI):
         session_options: dict[str, t.Any] | None = None,
         env_file: str | os.PathLike[str] | None = ".env",
     ) -> None:
-        if model_class is not None and metadata not in (None, model_class.metadata):
-            raise NeonConfigError(
-                "NeonDB(metadata=..., model_class=...): the metadata is not the model class's; "
-                "give one of them."
-            )
         if model_class is not None:
+            if metadata not in (None, model_class.metadata):
+                raise NeonConfigError(
+                    "NeonDB(metadata=..., model_class=...): the metadata is not the model "
+                    "class's; give one of them."
+                )
             metadata = model_class.metadata
         self.metadata = (
             metadata if metadata is not None else sa.MetaData(naming_convention=NAMING_CONVENTION)
@@ -110,22 +113,19 @@ class NeonDB(FlaskSQLAlchemyAPI):
                 "per app (NeonDB(app) calls it for you)."
             )
         try:
-            self._init_app(app)
+            state = build_state(
+                self,
+                app.name,
+                app.config,
+                debug=app.debug,
+                env_file=self.env_file,
+                session_options=self.session_options,
+            )
         except NeonConfigError as error:
             if _loading_for_cli_command():
                 # Flask's CLI prints this kind as one line; any other exception as a traceback.
                 raise CLIConfigError(str(error)) from None
             raise
-
-    def _init_app(self, app: Flask) -> None:
-        state = build_state(
-            self,
-            app.name,
-            app.config,
-            debug=app.debug,
-            env_file=self.env_file,
-            session_options=self.session_options,
-        )
         settings = state.settings
         if settings.connect_on_start:
             if _loading_for_cli_command():
@@ -137,7 +137,7 @@ class NeonDB(FlaskSQLAlchemyAPI):
         app.extensions[EXTENSION_KEY] = state
         app.teardown_appcontext(self._teardown)
         if settings.health_enabled:
-            health.register(app, settings.health_prefix.rstrip("/") or "")
+            app.register_blueprint(health.make_blueprint(settings.health_prefix.rstrip("/")))
         if settings.error_handler:
             register_error_handlers(app)
         app.cli.add_command(db_check)
@@ -195,7 +195,7 @@ class NeonDB(FlaskSQLAlchemyAPI):
         """
         if bind is not None:
             raise NeonStateError(f"no bind {bind!r}: flask-neon has one database per app")
-        return self._state(app, "db.get_engine()").admin_engine
+        return self._state(app, "db.get_engine()").admin.engine
 
     @property
     def read_engine(self) -> sa.Engine:
@@ -252,17 +252,16 @@ class NeonDB(FlaskSQLAlchemyAPI):
         only when it first runs a query, and at teardown it is rolled back and closed: nothing
         is committed unless you call ``db.session.commit()``.
         """
-        session = g.get(_SESSION_KEY) if has_app_context() else None
-        if session is not None:
-            return t.cast(orm.Session, session)
-        return self._new_session(_SESSION_KEY, "db.session")
+        return self._session(_SESSION_KEY, "db.session")
 
-    def _new_session(self, key: str, what: str) -> orm.Session:
-        state = self._state(what=what)
-        maker = state.sessionmaker if key == _SESSION_KEY else state.read_sessionmaker
-        session = maker()
-        setattr(g, key, session)
-        return session
+    def _session(self, key: str, what: str) -> orm.Session:
+        session = g.get(key) if has_app_context() else None
+        if session is None:
+            state = self._state(what=what)
+            maker = state.sessionmaker if key == _SESSION_KEY else state.read_sessionmaker
+            session = maker()
+            setattr(g, key, session)
+        return t.cast(orm.Session, session)
 
     @property
     def read_session(self) -> orm.Session:
@@ -272,10 +271,7 @@ class NeonDB(FlaskSQLAlchemyAPI):
         it falls back to the primary. The replica lags behind the primary: reads that must see
         this request's own writes belong on :attr:`session`. Closed at teardown like it.
         """
-        session = g.get(_READ_SESSION_KEY) if has_app_context() else None
-        if session is not None:
-            return t.cast(orm.Session, session)
-        return self._new_session(_READ_SESSION_KEY, "db.read_session")
+        return self._session(_READ_SESSION_KEY, "db.read_session")
 
     def _teardown(self, exc: BaseException | None) -> None:
         """Return this app context's connections to the pool.
@@ -312,21 +308,15 @@ class NeonDB(FlaskSQLAlchemyAPI):
 
 def _loading_for_cli_command() -> bool:
     """True while ``flask <command>`` loads the app to find a command of the app's."""
-    import click
-    from flask.cli import FlaskGroup
-
     context = click.get_current_context(silent=True)
     return context is not None and isinstance(context.command, FlaskGroup)
 
 
 def _check_connection(state: NeonState) -> None:
-    try:
-        with state.engine.connect() as connection:
-            connection.exec_driver_sql("SELECT 1")
-    except Exception as exc:
+    # The probe classifies a failure; the driver's traceback adds nothing to that cause.
+    cause = run_probe(state.engine, state.url.secrets()).cause
+    if cause is not None:
         state.engine.dispose()
-        cause = classify(exc, state.url.secrets())
-        # ``from None``: the driver's traceback adds nothing the classified cause lacks.
         raise DatabaseUnavailableError(
             cause, f"DB_CONNECT_ON_START: cannot reach {state.url.masked()}"
-        ) from None
+        )

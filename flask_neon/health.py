@@ -6,15 +6,12 @@ import logging
 import time
 import typing as t
 
-from flask import Blueprint, Flask, Response
+from flask import Blueprint, Response
 
 from .handlers import json_response
 from .state import NeonState, current_state
 
 log = logging.getLogger("flask_neon")
-
-
-# -- the blueprint -------------------------------------------------------------------------------
 
 
 def make_blueprint(prefix: str) -> Blueprint:
@@ -52,9 +49,9 @@ def health_response(state: NeonState) -> tuple[dict[str, t.Any], int]:
         return body, 200 if body["status"] == "healthy" else 503
     # Primary and replica are probed side by side under one deadline.
     deadline = time.monotonic() + settings.health_timeout
-    pending = state.health.start()
+    pending = state.primary.health.start()
     replica_pending = state.read.health.start() if state.read is not None else None
-    result, cached = state.health.wait(pending, deadline)
+    result, cached = state.primary.health.wait(pending, deadline)
     body.update(
         status="healthy" if result.healthy else "unhealthy",
         latency_ms=result.latency_ms,
@@ -71,9 +68,8 @@ def health_response(state: NeonState) -> tuple[dict[str, t.Any], int]:
                 result.cause.detail,
                 result.cause.hint,
             )
-    if state.read is not None:
+    if state.read is not None and replica_pending is not None:
         # The replica is reported, not judged: the app still serves writes without it.
-        assert replica_pending is not None
         replica, replica_cached = state.read.health.wait(replica_pending, deadline)
         body["replica"] = {
             "status": "healthy" if replica.healthy else "unhealthy",
@@ -82,18 +78,11 @@ def health_response(state: NeonState) -> tuple[dict[str, t.Any], int]:
             "cause": replica.cause.name if replica.cause else None,
         }
     if state.health_details:
+        facts = ("server_version", "database", "user", "tls", "tls_version")
         body["details"] = {
             "url": state.url.masked(),
-            "server_version": result.server_version,
-            "database": result.database,
-            "user": result.user,
-            "tls": result.tls,
-            "tls_version": result.tls_version,
+            **{name: getattr(result, name) for name in facts},
             "error": result.cause.detail if result.cause else None,
             "hint": result.cause.hint if result.cause else None,
         }
     return body, 200 if result.healthy else 503
-
-
-def register(app: Flask, prefix: str) -> None:
-    app.register_blueprint(make_blueprint(prefix))

@@ -16,12 +16,12 @@ import time
 import typing as t
 
 import sqlalchemy as sa
+from flask import has_request_context, request
 from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
 log = logging.getLogger("flask_neon")
 
-_CHECKOUT_INFO = "flask_neon.checkout"
 # Frames from these packages are plumbing (tracing tools wrap SQLAlchemy's calls); the code
 # location of a leak is the first other one.
 _PLUMBING = (
@@ -41,23 +41,18 @@ class PoolObserver(t.Protocol):
     """Told of every pool event :class:`PoolMonitor` counts (the Prometheus exporter is one)."""
 
     def opened(self) -> None: ...
-
     def invalidated(self) -> None: ...
-
     def checked_out(self, pool: QueuePool, waited: float, timed_out: bool) -> None: ...
-
     def returned(self, pool: QueuePool) -> None: ...
 
 
 class MeasuredQueuePool(QueuePool):
-    """A QueuePool that reports each checkout, its wait and its timeout to its monitor."""
+    """A QueuePool that reports each checkout, its wait and its timeout to its monitor, which
+    :meth:`PoolMonitor.install` sets before the first checkout."""
 
-    monitor: PoolMonitor | None = None
+    monitor: PoolMonitor
 
     def _do_get(self) -> ConnectionPoolEntry:
-        monitor = self.monitor
-        if monitor is None:
-            return super()._do_get()
         started = time.perf_counter()
         # Counted here rather than in a checkout listener: one less event per request.
         timed_out = False
@@ -67,13 +62,12 @@ class MeasuredQueuePool(QueuePool):
             timed_out = True
             raise
         finally:
-            monitor.checked_out(self, time.perf_counter() - started, timed_out)
+            self.monitor.checked_out(self, time.perf_counter() - started, timed_out)
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
         super()._do_return_conn(record)
-        if self.monitor is not None:
-            for observer in self.monitor.observers:
-                observer.returned(self)
+        for observer in self.monitor.observers:
+            observer.returned(self)
 
     def recreate(self) -> QueuePool:
         pool = t.cast(MeasuredQueuePool, super().recreate())
@@ -123,7 +117,6 @@ class PoolMonitor:
         self._held: dict[int, _Checkout] = {}
         self._lock = threading.Lock()
         self._scanner: threading.Thread | None = None
-        self._stopped = threading.Event()
 
     def install(self, engine: sa.Engine) -> None:
         pool = engine.pool
@@ -157,11 +150,6 @@ class PoolMonitor:
         for observer in self.observers:
             observer.invalidated()
 
-    def _on_checkout(
-        self, dbapi_connection: t.Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
-    ) -> None:
-        self._remember(record)
-
     def _on_checkin(self, dbapi_connection: t.Any, record: ConnectionPoolEntry) -> None:
         with self._lock:
             checkout = self._held.pop(id(record), None)
@@ -175,28 +163,26 @@ class PoolMonitor:
 
     # -- leaks -----------------------------------------------------------------------------------
 
-    def _remember(self, record: ConnectionPoolEntry) -> None:
-        from flask import has_request_context, request
-
-        endpoint = request.endpoint if has_request_context() else None
+    def _on_checkout(
+        self, dbapi_connection: t.Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+    ) -> None:
         checkout = _Checkout(
-            time.monotonic(), endpoint, _caller_location(), threading.current_thread().name
+            time.monotonic(), _endpoint(), _caller_location(), threading.current_thread().name
         )
         with self._lock:
             self._held[id(record)] = checkout
         if self._scanner is None or not self._scanner.is_alive():
-            self._start_scanner()
+            self._scanner = threading.Thread(
+                target=self._scan, name="flask-neon-leaks", daemon=True
+            )
+            self._scanner.start()
 
-    def _start_scanner(self) -> None:
+    def _scan(self) -> None:
         assert self.leak_threshold is not None
         interval = max(0.05, min(self.leak_threshold / 2, 5.0))
-
-        def scan() -> None:
-            while not self._stopped.wait(interval):
-                self.check_leaks(warn=True)
-
-        self._scanner = threading.Thread(target=scan, name="flask-neon-leaks", daemon=True)
-        self._scanner.start()
+        while True:
+            time.sleep(interval)
+            self.check_leaks(warn=True)
 
     def check_leaks(self, *, warn: bool = False) -> list[Leak]:
         """Connections held longer than the threshold now; with ``warn`` log each once."""
@@ -226,23 +212,14 @@ class PoolMonitor:
                 )
         return leaks
 
-    def stop(self) -> None:
-        self._stopped.set()
-
     # -- statistics ----------------------------------------------------------------------------
 
     def stats(self, engine: sa.Engine) -> dict[str, t.Any]:
         """Pool statistics; ``overflow`` counts connections beyond the pool size (never < 0)."""
-        pool = engine.pool
-        if isinstance(pool, QueuePool):
-            size = pool.size()
-            checked_out = pool.checkedout()
-            checked_in = pool.checkedin()
-            overflow = max(0, pool.overflow())
-            capacity = size + max(0, self.max_overflow)
-        else:  # pragma: no cover - flask-neon always builds a QueuePool
-            size = capacity = checked_in = overflow = 0
-            checked_out = 0
+        pool = t.cast(QueuePool, engine.pool)  # flask-neon always builds a QueuePool
+        size = pool.size()
+        checked_out = pool.checkedout()
+        capacity = size + max(0, self.max_overflow)
         if checked_out >= capacity:
             status = "exhausted"
         elif checked_out >= size:
@@ -252,9 +229,9 @@ class PoolMonitor:
         return {
             "status": status,
             "size": size,
-            "checked_in": checked_in,
+            "checked_in": pool.checkedin(),
             "checked_out": checked_out,
-            "overflow": overflow,
+            "overflow": max(0, pool.overflow()),
             "max_capacity": capacity,
             "connections_opened": self.connections_opened,
             "checkouts": self.checkouts,
@@ -262,6 +239,10 @@ class PoolMonitor:
             "checkout_timeouts": self.checkout_timeouts,
             "checkout_wait_seconds": round(self.checkout_wait_seconds, 6),
         }
+
+
+def _endpoint() -> str | None:
+    return request.endpoint if has_request_context() else None
 
 
 def _caller_location() -> str:
@@ -290,14 +271,11 @@ def install_slow_query_log(engine: sa.Engine, threshold_ms: int) -> None:
         elapsed = time.perf_counter() - started
         if elapsed < threshold:
             return
-        from flask import has_request_context, request
-
-        endpoint = request.endpoint if has_request_context() else None
         text = " ".join(statement.split())
         log.warning(
             "flask-neon: slow query %.1f ms (threshold %d ms) in endpoint %s: %s",
             elapsed * 1000,
             threshold_ms,
-            endpoint or "(no request)",
+            _endpoint() or "(no request)",
             text if len(text) <= 300 else text[:297] + "...",
         )

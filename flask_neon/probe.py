@@ -26,14 +26,17 @@ _TIMEOUT_CAUSE = ErrorCause(
     transient=True,
 )
 
+# Each column is named after the ProbeResult field it fills.
 _PROBE_SQL = (
-    "SELECT current_setting('server_version'), current_database(), current_user, "
-    "(SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), "
-    "(SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid()), "
-    "(SELECT cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()), "
-    "current_setting('statement_timeout'), "
-    "current_setting('idle_in_transaction_session_timeout'), "
-    "pg_is_in_recovery()"
+    "SELECT current_setting('server_version') AS server_version, current_database() AS database, "
+    'current_user AS "user", '
+    "coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false) AS tls, "
+    "(SELECT version FROM pg_stat_ssl WHERE pid = pg_backend_pid()) AS tls_version, "
+    "(SELECT cipher FROM pg_stat_ssl WHERE pid = pg_backend_pid()) AS tls_cipher, "
+    "current_setting('statement_timeout') AS statement_timeout, "
+    "current_setting('idle_in_transaction_session_timeout') "
+    "AS idle_in_transaction_session_timeout, "
+    "pg_is_in_recovery() AS in_recovery"
 )
 
 
@@ -55,11 +58,6 @@ class ProbeResult:
     idle_in_transaction_session_timeout: str | None = None
     in_recovery: bool | None = None
 
-    def as_dict(self) -> dict[str, t.Any]:
-        data = dataclasses.asdict(self)
-        data["cause"] = self.cause.as_dict() if self.cause else None
-        return data
-
 
 def run_probe(engine: t.Any, secrets: list[str]) -> ProbeResult:
     """One round trip on ``engine`` with server facts; never raises."""
@@ -69,26 +67,8 @@ def run_probe(engine: t.Any, secrets: list[str]) -> ProbeResult:
             row = connection.exec_driver_sql(_PROBE_SQL).one()
             connection.rollback()
     except Exception as exc:
-        return ProbeResult(
-            healthy=False,
-            latency_ms=_ms(started),
-            checked_at=time.time(),
-            cause=classify(exc, secrets),
-        )
-    return ProbeResult(
-        healthy=True,
-        latency_ms=_ms(started),
-        checked_at=time.time(),
-        server_version=row[0],
-        database=row[1],
-        user=row[2],
-        tls=bool(row[3]),
-        tls_version=row[4],
-        tls_cipher=row[5],
-        statement_timeout=row[6],
-        idle_in_transaction_session_timeout=row[7],
-        in_recovery=row[8],
-    )
+        return ProbeResult(False, _ms(started), time.time(), cause=classify(exc, secrets))
+    return ProbeResult(True, _ms(started), time.time(), **row._asdict())
 
 
 def _ms(started: float) -> float:
@@ -98,26 +78,14 @@ def _ms(started: float) -> float:
 class HealthChecker:
     """Bounded, cached, single-flight probes of one engine."""
 
-    def __init__(
-        self, engine: t.Any, secrets: list[str], timeout: float, cache_seconds: float
-    ) -> None:
+    def __init__(self, engine: t.Any, secrets: list[str], cache_seconds: float) -> None:
         self.engine = engine
         self.secrets = secrets
-        self.timeout = timeout
         self.cache_seconds = cache_seconds
         self._lock = threading.Lock()
         self._inflight: concurrent.futures.Future[ProbeResult] | None = None
         self._last: ProbeResult | None = None
         self._last_at = 0.0
-
-    def check(
-        self, *, use_cache: bool = True, timeout: float | None = None
-    ) -> tuple[ProbeResult, bool]:
-        """The latest result and whether it came from the cache."""
-        started = time.monotonic()
-        pending = self.start(use_cache=use_cache)
-        deadline = started + (self.timeout if timeout is None else timeout)
-        return self.wait(pending, deadline)
 
     def start(
         self, *, use_cache: bool = True
@@ -147,12 +115,8 @@ class HealthChecker:
         try:
             result = pending.result(timeout=max(0.0, deadline - started))
         except concurrent.futures.TimeoutError:
-            result = ProbeResult(
-                healthy=False,
-                latency_ms=round((time.monotonic() - started) * 1000, 2),
-                checked_at=time.time(),
-                cause=_TIMEOUT_CAUSE,
-            )
+            waited = round((time.monotonic() - started) * 1000, 2)
+            result = ProbeResult(False, waited, time.time(), cause=_TIMEOUT_CAUSE)
         with self._lock:
             self._last, self._last_at = result, time.monotonic()
         return result, False

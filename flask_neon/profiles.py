@@ -20,7 +20,6 @@ class PoolProfile:
     """Defaults for one kind of deployment. ``None`` means: use the setting's own default."""
 
     name: str
-    description: str
     pool_size: int | None = None
     max_overflow: int | None = None
     pool_timeout: float | None = None
@@ -28,31 +27,16 @@ class PoolProfile:
 
 
 PROFILES: dict[str, PoolProfile] = {
-    profile.name: profile
-    for profile in (
-        PoolProfile(
-            "development",
-            "A small pool that fails fast and recycles often, for one developer and a "
-            "compute that suspends after 5 idle minutes.",
-            pool_size=2,
-            max_overflow=5,
-            pool_timeout=10,
-            pool_recycle=300,
-        ),
-        PoolProfile(
-            "production",
-            "Long-running servers (gunicorn, uwsgi): the DB_POOL_* settings as given.",
-        ),
-        PoolProfile(
-            "serverless",
-            "One request at a time per instance (Lambda, Cloud Run with concurrency 1, "
-            "Vercel): two connections, no overflow, short timeouts.",
-            pool_size=2,
-            max_overflow=0,
-            pool_timeout=10,
-            pool_recycle=300,
-        ),
-    )
+    # One developer, and a compute that suspends after 5 idle minutes: small, fails fast.
+    "development": PoolProfile(
+        "development", pool_size=2, max_overflow=5, pool_timeout=10, pool_recycle=300
+    ),
+    # Long-running servers (gunicorn, uwsgi): the DB_POOL_* settings as given.
+    "production": PoolProfile("production"),
+    # One request at a time per instance (Lambda, Cloud Run with concurrency 1, Vercel).
+    "serverless": PoolProfile(
+        "serverless", pool_size=2, max_overflow=0, pool_timeout=10, pool_recycle=300
+    ),
 }
 
 
@@ -95,7 +79,7 @@ def pool_config(loaded: LoadedSettings, profile: PoolProfile) -> PoolConfig:
     sources: dict[str, Source] = {}
     for name in POOL_FIELDS:
         from_profile = getattr(profile, name)
-        if loaded.explicit(name) or from_profile is None:
+        if loaded.sources[name] != "default" or from_profile is None:
             values[name] = getattr(loaded.settings, name)
             sources[name] = loaded.sources[name]
         else:

@@ -11,18 +11,15 @@ from .errors import ErrorCause, NeonError
 from .probe import ProbeResult
 from .settings import NeonSettings, key_for
 from .state import NeonState
-from .url import MASK, DatabaseURL, parse_url
+from .url import MASK, parse_url
 
 LABEL_WIDTH = 17
 
 
 def report(
-    state: NeonState,
-    result: ProbeResult,
-    attempts: int,
-    checked_url: DatabaseURL,
-    timeout: float,
+    state: NeonState, result: ProbeResult, attempts: int, timeout: float
 ) -> dict[str, t.Any]:
+    """The check of ``state.admin`` (the direct host when DB_URL is pooled) as JSON data."""
     limits = state.session_limits
     return {
         "reachable": result.healthy,
@@ -32,7 +29,7 @@ def report(
         "user": result.user,
         "url": state.url.masked(),
         "host_kind": "pooled" if state.pooled else "direct",
-        "checked_url": checked_url.masked(),
+        "checked_url": state.admin.url.masked(),
         "tls": {"enabled": result.tls, "version": result.tls_version, "cipher": result.tls_cipher},
         "in_recovery": result.in_recovery,
         "profile": state.pool.profile,

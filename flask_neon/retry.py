@@ -20,24 +20,19 @@ class Backoff:
         deadline: ``time.monotonic()`` value after which no attempt may start.
         base: Ceiling of the first pause.
         cap: Largest ceiling.
-        reserve: Time the next attempt needs before the deadline; no pause is offered that
-            would leave less.
     """
 
-    def __init__(
-        self, deadline: float, *, base: float = 0.2, cap: float = 2.0, reserve: float = 0.0
-    ) -> None:
+    def __init__(self, deadline: float, *, base: float = 0.2, cap: float = 2.0) -> None:
         self.deadline = deadline
         self.base = base
         self.cap = cap
-        self.reserve = reserve
         self.attempts = 1
 
     def next_delay(self) -> float | None:
         """The pause before the next attempt, or None when the deadline leaves no room."""
         ceiling = min(self.cap, self.base * 2 ** (self.attempts - 1))
         delay = random.uniform(ceiling / 2, ceiling)
-        room = self.deadline - time.monotonic() - self.reserve
+        room = self.deadline - time.monotonic()
         if room <= 0:
             return None
         self.attempts += 1

@@ -21,10 +21,6 @@ class LoadedSettings:
     settings: NeonSettings
     sources: dict[str, Source]
 
-    def explicit(self, field: str) -> bool:
-        """True when the user set ``field`` (anywhere), False when it is the default."""
-        return self.sources.get(field, "default") != "default"
-
 
 def load_settings(
     config: t.Mapping[str, t.Any], env_file: str | os.PathLike[str] | None = ".env"
@@ -152,12 +148,8 @@ def _allowed(field: str) -> str:
         return "a URL path starting with '/'"
     if annotation is bool:
         return "a boolean (true/false, 1/0, yes/no, on/off)"
-    low = high = None
-    for item in info.metadata:
-        if isinstance(item, annotated_types.Ge):
-            low = item.ge
-        elif isinstance(item, annotated_types.Le):
-            high = item.le
+    low = next((item.ge for item in info.metadata if isinstance(item, annotated_types.Ge)), None)
+    high = next((item.le for item in info.metadata if isinstance(item, annotated_types.Le)), None)
     kind = "an integer" if annotation is int else "a number"
     if low is not None and high is not None:
         return f"{kind} from {low} to {high}"

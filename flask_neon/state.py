@@ -1,9 +1,5 @@
-"""What flask-neon holds for one app, and how the operator surfaces find it.
-
-A leaf of the package: it imports the building blocks (settings, URLs, engine, monitors) and
-nothing of the surfaces that read it (health, CLI, error handlers, metrics) nor of the
-extension that builds it.
-"""
+"""What flask-neon holds for one app, and how the operator surfaces (health, CLI, error
+handlers) find it."""
 
 from __future__ import annotations
 
@@ -81,25 +77,13 @@ class NeonState:
         return self.primary.engine
 
     @property
-    def admin_engine(self) -> sa.Engine:
-        return self.admin.engine
-
-    @property
     def monitor(self) -> PoolMonitor:
         return self.primary.monitor
 
-    @property
-    def health(self) -> HealthChecker:
-        return self.primary.health
-
-    def engines(self) -> list[AppEngine]:
-        """Each distinct engine of the app once (the admin engine may be the primary)."""
-        engines = {id(e): e for e in (self.primary, self.admin, self.read) if e is not None}
-        return list(engines.values())
-
     def secrets(self) -> list[str]:
         """Every secret of every URL the app uses, for masking free text."""
-        return [secret for e in self.engines() for secret in e.url.secrets()]
+        engines = (self.primary, self.admin, self.read)
+        return [secret for e in engines if e is not None for secret in e.url.secrets()]
 
     @property
     def session_limits(self) -> dict[str, t.Any]:

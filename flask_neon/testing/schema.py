@@ -135,7 +135,7 @@ def neon_schema(
         _upgrade(neon_app, neon_migrations_dir)
         yield
         return
-    engine, metadata = state.admin_engine, state.db.metadata
+    engine, metadata = state.admin.engine, state.db.metadata
     inspector = sa.inspect(engine)
     # Only the tables created here are dropped at the end: a database given through
     # FLASK_NEON_TEST_URL may hold others, and they are not ours to remove.
