@@ -28,7 +28,7 @@ from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from . import driver
-from .errors import classify
+from .errors import NeonConfigError, classify
 from .monitoring import MeasuredQueuePool
 from .profiles import PoolConfig
 from .retry import Backoff
@@ -80,9 +80,7 @@ def make_engine(
         user_options = url.query_dict.get("options", "")
         connect_args["options"] = f"{user_options} {flags}".strip()
 
-    engine = sa.create_engine(
-        url.to_sqlalchemy(),
-        poolclass=MeasuredQueuePool,
+    options: dict[str, t.Any] = dict(
         pool_size=pool.pool_size,
         max_overflow=pool.max_overflow,
         pool_timeout=pool.pool_timeout,
@@ -94,8 +92,25 @@ def make_engine(
         echo=settings.echo,
         # Parameters carry user data and sometimes secrets: keep them out of logs and errors.
         hide_parameters=True,
-        connect_args=connect_args,
     )
+    extra = dict(settings.engine_options)
+    refused = sorted(set(extra) & {"poolclass", "pool", "creator"})
+    if refused:
+        raise NeonConfigError(
+            f"DB_ENGINE_OPTIONS: {', '.join(refused)} not accepted; flask-neon builds the pool "
+            "itself (use the DB_POOL_* settings)."
+        )
+    connect_args.update(extra.pop("connect_args", {}))
+    try:
+        engine = sa.create_engine(
+            url.to_sqlalchemy(),
+            poolclass=MeasuredQueuePool,
+            connect_args=connect_args,
+            **{**options, **extra},
+        )
+    except TypeError as exc:
+        # SQLAlchemy names the arguments it does not know; nothing else is in the message.
+        raise NeonConfigError(f"DB_ENGINE_OPTIONS: {exc}") from None
     # A pooler drops session state after each transaction, so the limits are set per
     # transaction. SET LOCAL ends with the transaction and never leaks to another client.
     per_transaction = (

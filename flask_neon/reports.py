@@ -115,6 +115,11 @@ def setting_rows(state: NeonState) -> dict[str, dict[str, t.Any]]:
             value = state.url.masked()
         elif isinstance(value, SecretStr):
             value = masked_url(value)
+        elif name == "engine_options":
+            # connect_args may carry a password or a key: shown by name only.
+            value = {
+                k: ({a: MASK for a in v} if k == "connect_args" else v) for k, v in value.items()
+            }
         elif value is None:
             # Unset means "the profile decides": show what was decided, not a bare None.
             value, source = derived(state, name, value, source)

@@ -93,6 +93,12 @@ class NeonSettings(BaseSettings):
         description="Seconds after which a connection is replaced when next checked out.",
     )
     echo: bool = Field(default=False, description="Log every SQL statement (never parameters).")
+    engine_options: dict[str, t.Any] = Field(
+        default_factory=dict,
+        description="Extra create_engine() options, over the profile's (a JSON object in the "
+        "environment). flask-neon builds the pool itself: poolclass, pool and creator are "
+        "refused; connect_args are merged over its own.",
+    )
     statement_timeout: float = Field(
         default=30.0,
         ge=0,

@@ -44,7 +44,11 @@ def load_settings(
 
 
 #: Flask-SQLAlchemy's config keys, read where the DB_* key is not set.
-ALIASES = {"url": "SQLALCHEMY_DATABASE_URI", "echo": "SQLALCHEMY_ECHO"}
+ALIASES = {
+    "url": "SQLALCHEMY_DATABASE_URI",
+    "echo": "SQLALCHEMY_ECHO",
+    "engine_options": "SQLALCHEMY_ENGINE_OPTIONS",
+}
 
 
 def _aliases(
@@ -148,6 +152,8 @@ def _allowed(field: str) -> str:
         return "a URL path starting with '/'"
     if annotation is bool:
         return "a boolean (true/false, 1/0, yes/no, on/off)"
+    if t.get_origin(annotation) is dict:
+        return "a mapping of create_engine() options"
     low = next((item.ge for item in info.metadata if isinstance(item, annotated_types.Ge)), None)
     high = next((item.le for item in info.metadata if isinstance(item, annotated_types.Le)), None)
     kind = "an integer" if annotation is int else "a number"
@@ -162,7 +168,11 @@ def describe_settings() -> list[dict[str, str]]:
     """One row per setting: key, default, allowed values, description (for docs and the CLI)."""
     rows = []
     for name, info in NeonSettings.model_fields.items():
-        default = "required" if info.is_required() else _show_default(info.default)
+        default = (
+            "required"
+            if info.is_required()
+            else _show_default(info.get_default(call_default_factory=True))
+        )
         rows.append(
             {
                 "key": key_for(name),
@@ -177,6 +187,8 @@ def describe_settings() -> list[dict[str, str]]:
 def _show_default(value: t.Any) -> str:
     if value is None:
         return "unset"
+    if value == {}:
+        return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and value.is_integer():

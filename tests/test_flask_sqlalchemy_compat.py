@@ -221,3 +221,46 @@ def test_flask_shell_has_db_and_the_models(database_url: str) -> None:
         with app.app_context():
             db.drop_all()
             db.engine.dispose()
+
+
+def test_engine_options_go_on_top_of_the_profile(database_url: str) -> None:
+    app = Flask("options")
+    app.config.update(
+        SQLALCHEMY_DATABASE_URI=database_url,
+        SQLALCHEMY_ENGINE_OPTIONS={"pool_size": 3, "connect_args": {"application_name": "mine"}},
+    )
+    db = NeonDB(app, env_file=None)
+    with app.app_context():
+        try:
+            assert db.engine.pool.size() == 3
+            name = db.session.execute(sa.text("SHOW application_name")).scalar()
+            assert name == "mine"
+        finally:
+            db.session.close()
+            db.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [({"no_such_option": 1}, "no_such_option"), ({"poolclass": None}, "poolclass")],
+)
+def test_an_engine_option_that_cannot_work_is_a_config_error_naming_it(
+    database_url: str, options: dict[str, t.Any], named: str
+) -> None:
+    app = Flask("bad_options")
+    app.config.update(DB_URL=database_url, DB_ENGINE_OPTIONS=options)
+    with pytest.raises(NeonConfigError, match=named):
+        NeonDB(app, env_file=None)
+
+
+def test_db_check_config_never_shows_connect_args_values(database_url: str) -> None:
+    app = Flask("shown")
+    secret = "s3cret-passw0rd"
+    app.config.update(
+        DB_URL=database_url, DB_ENGINE_OPTIONS={"connect_args": {"password": secret}}
+    )
+    NeonDB(app, env_file=None)
+    result = app.test_cli_runner().invoke(args=["db-check", "config", "--json"])
+    assert result.exit_code == 0, result.output
+    assert secret not in result.output
+    assert "password" in result.output
