@@ -34,13 +34,14 @@ def load_settings(
     overrides = {
         name: config[key_for(name)] for name in fields if config.get(key_for(name)) is not None
     }
-    overrides.update(_aliases(config, overrides, env_file))
+    dotenv = _read_dotenv(env_file)
+    overrides.update(_aliases(config, overrides, dotenv))
     try:
         settings = NeonSettings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
     except ValidationError as exc:
         # ``from None``: pydantic's own text repeats the input, which may be the password.
         raise NeonConfigError(_explain(exc)) from None
-    return LoadedSettings(settings, _sources(overrides, env_file))
+    return LoadedSettings(settings, _sources(overrides, dotenv))
 
 
 #: Flask-SQLAlchemy's config keys, read where the DB_* key is not set.
@@ -54,7 +55,7 @@ ALIASES = {
 def _aliases(
     config: t.Mapping[str, t.Any],
     overrides: t.Mapping[str, t.Any],
-    env_file: str | os.PathLike[str] | None,
+    dotenv: t.Mapping[str, str],
 ) -> dict[str, t.Any]:
     """Values given under Flask-SQLAlchemy's names; the same setting under two names must agree."""
     found = {}
@@ -71,28 +72,22 @@ def _aliases(
     if "url" not in overrides and "url" not in found:
         # What Neon's integrations, Heroku and Render set, read when no DB_URL is given.
         url = os.environ.get("DATABASE_URL")
-        if url and not os.environ.get(key_for("url")) and not _in_dotenv(env_file, "DB_URL"):
+        if url and not os.environ.get(key_for("url")) and key_for("url") not in dotenv:
             found["url"] = url
     return found
 
 
-def _in_dotenv(env_file: str | os.PathLike[str] | None, key: str) -> bool:
+def _read_dotenv(env_file: str | os.PathLike[str] | None) -> dict[str, str]:
+    """The non-empty values of the ``.env`` file, keys upper-cased (read once per init_app)."""
     if env_file is None or not os.path.isfile(env_file):
-        return False
+        return {}
     from dotenv import dotenv_values
 
-    return bool(dotenv_values(env_file).get(key))
+    return {key.upper(): value for key, value in dotenv_values(env_file).items() if value}
 
 
-def _sources(
-    overrides: t.Mapping[str, t.Any], env_file: str | os.PathLike[str] | None
-) -> dict[str, Source]:
+def _sources(overrides: t.Mapping[str, t.Any], dotenv: t.Mapping[str, str]) -> dict[str, Source]:
     environ = {key.upper(): value for key, value in os.environ.items()}
-    dotenv: dict[str, str] = {}
-    if env_file is not None and os.path.isfile(env_file):
-        from dotenv import dotenv_values
-
-        dotenv = {key.upper(): value for key, value in dotenv_values(env_file).items() if value}
     sources: dict[str, Source] = {}
     for name in NeonSettings.model_fields:
         key = key_for(name)

@@ -34,10 +34,14 @@ def server_account() -> tuple[int, int] | None:
     )
 
 
-def account_name(account: tuple[int, int]) -> str:
+def account_name(uid: int) -> str:
+    """The OS user name of ``uid`` (the number when it has none)."""
     import pwd
 
-    return pwd.getpwuid(account[0]).pw_name
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
 
 
 def reachable_by(path: pathlib.Path, account: tuple[int, int]) -> pathlib.Path | None:

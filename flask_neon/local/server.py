@@ -109,18 +109,11 @@ class ServerControl:
         owner = self.data_dir.stat().st_uid
         expected = self._account[0] if self._account is not None else os.geteuid()
         if owner != expected:
-            import pwd
-
-            def name(uid: int) -> str:
-                try:
-                    return pwd.getpwuid(uid).pw_name
-                except KeyError:
-                    return str(uid)
-
+            owner_name = account_name(owner)
             raise LocalPostgresError(
-                f"The data folder {self.data_dir} belongs to the user {name(owner)}, but the "
-                f"server would run as {name(expected)}. Start it as {name(owner)}, or remove "
-                f"the folder to start afresh (rm -rf {self.data_dir}: its data is lost)."
+                f"The data folder {self.data_dir} belongs to the user {owner_name}, but the "
+                f"server would run as {account_name(expected)}. Start it as {owner_name}, or "
+                f"remove the folder to start afresh (rm -rf {self.data_dir}: its data is lost)."
             )
 
     def _check_reachable(self, path: pathlib.Path) -> None:
@@ -131,7 +124,7 @@ class ServerControl:
         directory = reachable_by(path, self._account)
         if directory is not None:
             raise LocalPostgresError(
-                f"The server runs as the `{account_name(self._account)}` OS user (PostgreSQL "
+                f"The server runs as the `{account_name(self._account[0])}` OS user (PostgreSQL "
                 f"refuses root), which cannot enter {directory} to reach {path}. Use a data "
                 f"folder it can reach (e.g. under {tempfile.gettempdir()})."
             )
