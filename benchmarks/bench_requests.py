@@ -55,7 +55,7 @@ class Note(Base):
 
 
 def _psycopg2_dsn(url: str) -> str:
-    from flask_neon.url import parse_url
+    from flask_neon._url import parse_url
 
     sa_url = parse_url(url).to_sqlalchemy().set(drivername="postgresql")
     return sa_url.render_as_string(hide_password=False)
@@ -158,7 +158,7 @@ def flask_neon(url: str, **config: t.Any) -> Flask:
 
 
 def _sa_url(url: str) -> str:
-    from flask_neon.url import parse_url
+    from flask_neon._url import parse_url
 
     return parse_url(url).to_sqlalchemy().render_as_string(hide_password=False)
 

@@ -31,7 +31,7 @@ from example_app.views import (
     json_object,
     note_fields,
 )
-from flask_neon.url import parse_url
+from flask_neon._url import parse_url
 
 # Flask-SQLAlchemy's session binds a model it did not declare to its default engine, so the
 # example app's Note (declared on NeonDB's metadata) is used as it is.

@@ -66,7 +66,7 @@ from collections.abc import Callable, Iterator
 
 import sqlalchemy as sa
 
-from flask_neon.url import parse_url
+from flask_neon._url import parse_url
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTES = 100

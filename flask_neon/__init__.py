@@ -12,15 +12,15 @@ PostgreSQL for development in :mod:`flask_neon.local`; fast BEGIN for an engine 
 :mod:`flask_neon.driver`.
 """
 
-from .errors import (
+from ._errors import (
     DatabaseUnavailableError,
     ErrorCause,
     NeonConfigError,
     NeonError,
     NeonStateError,
 )
-from .extension import NeonDB
-from .settings import NeonSettings
+from ._extension import NeonDB
+from ._settings import NeonSettings
 
 __version__ = "0.1.0"
 

@@ -20,8 +20,8 @@ import pytest
 from flask import Flask
 
 from flask_neon import NeonDB
+from flask_neon._url import parse_url
 from flask_neon.local import LocalPostgres
-from flask_neon.url import parse_url
 
 from .proxy import FaultProxy
 

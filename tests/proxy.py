@@ -75,7 +75,7 @@ class FaultProxy:
 
     def url(self, template: str) -> str:
         """``template`` (a URL of the real server) rewritten to go through the proxy."""
-        from flask_neon.url import parse_url
+        from flask_neon._url import parse_url
 
         url = parse_url(template)
         rewritten = url.to_sqlalchemy().set(host="127.0.0.1", port=self.port)

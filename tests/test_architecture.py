@@ -12,16 +12,16 @@ PACKAGE = pathlib.Path(flask_neon.__file__).resolve().parent
 
 #: Bottom to top. A module imports only from layers below its own.
 LAYERS: list[set[str]] = [
-    {"errors", "retry", "driver", "pagination"},
-    {"models"},
-    {"settings", "url", "probe", "monitoring"},
-    {"settings_loader", "metrics"},
-    {"profiles"},
-    {"engine"},
-    {"state"},
-    {"assembly", "handlers", "reports", "compat"},
-    {"health", "cli"},
-    {"extension"},
+    {"_errors", "_retry", "driver", "_pagination"},
+    {"_models"},
+    {"_settings", "_url", "_probe", "_monitoring"},
+    {"_settings_loader", "_metrics"},
+    {"_profiles"},
+    {"_engine"},
+    {"_state"},
+    {"_assembly", "_handlers", "_reports", "_compat"},
+    {"_health", "_cli"},
+    {"_extension"},
     {"__init__"},
 ]
 #: Support packages: above the runtime, never imported by it.
@@ -92,3 +92,13 @@ def test_the_public_face_is_what_users_type() -> None:
     ]
     for name in flask_neon.__all__:
         assert getattr(flask_neon, name).__doc__, f"{name} has no docstring"
+
+
+#: Modules and packages users may import by name; every other module is private (``_name``).
+PUBLIC_MODULES = {"__init__", "driver", "local", "testing"}
+
+
+def test_everything_else_is_private() -> None:
+    names = {path.stem for path in PACKAGE.glob("*.py")}
+    names |= {path.name for path in PACKAGE.iterdir() if (path / "__init__.py").exists()}
+    assert {name for name in names if not name.startswith("_")} | {"__init__"} == PUBLIC_MODULES

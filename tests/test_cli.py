@@ -13,7 +13,7 @@ from click.testing import Result
 from flask import Flask
 
 from flask_neon import NeonSettings
-from flask_neon.url import parse_url
+from flask_neon._url import parse_url
 
 from .conftest import AppFactory, closed_port
 from .proxy import FaultProxy

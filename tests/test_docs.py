@@ -6,7 +6,7 @@ from __future__ import annotations
 import pathlib
 import re
 
-from flask_neon.settings_loader import describe_settings
+from flask_neon._settings_loader import describe_settings
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 

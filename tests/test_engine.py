@@ -326,7 +326,7 @@ def test_too_many_connections_is_classified() -> None:
         for connection in held:
             connection.close()
         engine.dispose()
-    from flask_neon.errors import classify
+    from flask_neon._errors import classify
 
     assert held  # at least one slot was free before the limit
     assert classify(info.value).name == "too_many_connections"

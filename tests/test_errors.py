@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from flask_neon.errors import _RULES, classify, mask_secrets
+from flask_neon._errors import _RULES, classify, mask_secrets
 
 
 def test_patterns_are_lowercase_because_messages_are_lowered() -> None:

@@ -24,7 +24,7 @@ from example_app import create_app
 from example_app.devdb import DATABASE, database_url_configured, running_port, use_local_database
 from example_app.extensions import db
 from example_app.models import Note
-from flask_neon.url import parse_url
+from flask_neon._url import parse_url
 
 from .conftest import admin_execute
 

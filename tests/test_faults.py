@@ -29,9 +29,9 @@ from flask import Flask, got_request_exception, request
 from example_app import create_app
 from example_app.extensions import db
 from example_app.models import Note
+from flask_neon._settings import NeonSettings
+from flask_neon._url import parse_url
 from flask_neon.local import LocalPostgres
-from flask_neon.settings import NeonSettings
-from flask_neon.url import parse_url
 
 from .conftest import admin_execute, backend_pids, terminate_backends
 from .http_server import LiveServer, Reply

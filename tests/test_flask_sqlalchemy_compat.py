@@ -13,7 +13,7 @@ import sqlalchemy as sa
 from flask import Flask, request
 
 from flask_neon import NeonConfigError, NeonDB
-from flask_neon.models import table_name
+from flask_neon._models import table_name
 
 from .conftest import admin_execute
 
@@ -175,7 +175,7 @@ def test_table_names_are_derived_as_flask_sqlalchemy_derives_them(name: str, tab
 def test_iter_pages_matches_flask_sqlalchemy() -> None:
     from flask_sqlalchemy.pagination import Pagination as Theirs
 
-    from flask_neon.pagination import Pagination as Ours
+    from flask_neon._pagination import Pagination as Ours
 
     class Fixed(Theirs):
         def _query_items(self) -> list[t.Any]:

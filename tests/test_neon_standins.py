@@ -36,10 +36,10 @@ from flask import Flask
 from sqlalchemy.orm import Mapped, mapped_column
 
 from flask_neon import DatabaseUnavailableError, NeonConfigError, NeonDB
-from flask_neon.errors import classify
+from flask_neon._errors import classify
+from flask_neon._probe import run_probe
+from flask_neon._url import parse_url
 from flask_neon.local import LocalPostgres
-from flask_neon.probe import run_probe
-from flask_neon.url import parse_url
 
 from .conftest import AppFactory, admin_execute
 from .servers import (  # noqa: F401 - the *_fixture functions are fixtures, used by name
@@ -312,7 +312,7 @@ def test_db_check_reports_the_pooled_host_and_checks_the_direct_one(
     apps: AppFactory, pgbouncer: PgBouncer, fresh_database: str
 ) -> None:
     """``flask db-check --json`` says "pooled" and probes the direct host, not the pooler."""
-    from flask_neon import cli
+    from flask_neon import _cli as cli
 
     command = getattr(cli, "db_check", None)
     if command is None or "as_json" not in {param.name for param in command.params}:

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from flask import Flask
 
 from flask_neon import NeonDB
-from flask_neon.url import parse_url
+from flask_neon._url import parse_url
 
 from .conftest import AppFactory, backend_pids, closed_port, terminate_backends, wait_until
 from .proxy import FaultProxy

@@ -9,9 +9,9 @@ import pytest
 from flask import Flask
 
 from flask_neon import NeonConfigError, NeonDB
-from flask_neon.profiles import PROFILES, pool_config, resolve_profile
-from flask_neon.settings import NeonSettings
-from flask_neon.settings_loader import load_settings
+from flask_neon._profiles import PROFILES, pool_config, resolve_profile
+from flask_neon._settings import NeonSettings
+from flask_neon._settings_loader import load_settings
 
 SECRET = "Sup3r-Secret-pw"
 GOOD_URL = f"postgresql://alex:{SECRET}@127.0.0.1:5432/test"

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flask_neon import NeonConfigError
-from flask_neon.url import parse_url
+from flask_neon._url import parse_url
 
 NEON_POOLED = "ep-cool-darkness-123456-pooler.us-east-2.aws.neon.tech"
 NEON_CELL_POOLED = "ep-cool-darkness-123456-pooler.c-2.us-east-1.aws.neon.tech"
@@ -160,7 +160,7 @@ def test_pooler_host_with_startup_options_is_refused() -> None:
 
 # -- TLS policy and how the URLs of one app relate --------------------------------------------
 
-from flask_neon.url import apply_tls_policy, resolve_urls  # noqa: E402
+from flask_neon._url import apply_tls_policy, resolve_urls  # noqa: E402
 
 
 def test_neon_hosts_get_sslmode_require() -> None:

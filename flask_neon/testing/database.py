@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 
-from ..errors import NeonConfigError, classify
-from ..url import parse_url
+from .._errors import NeonConfigError, classify
+from .._url import parse_url
 from .stop import _stop_run
 
 __all__ = ["CONNECT_TIMEOUT", "TEST_DATABASE", "TEST_URL_ENV", "neon_database_url"]

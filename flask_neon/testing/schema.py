@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask
 
-from ..state import EXTENSION_KEY, NeonState
+from .._state import EXTENSION_KEY, NeonState
 from .stop import _stop_run
 
 __all__ = ["DROP_LOCK_TIMEOUT", "neon_app", "neon_migrations_dir", "neon_schema"]

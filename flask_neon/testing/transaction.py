@@ -12,7 +12,7 @@ from flask import Flask, current_app, has_app_context
 from flask.testing import FlaskClient
 from sqlalchemy import orm
 
-from ..extension import NeonDB
+from .._extension import NeonDB
 from .schema import _neon_state
 
 __all__ = ["NeonTransaction", "neon_client", "neon_db_session", "neon_transaction"]

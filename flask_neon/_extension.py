@@ -12,19 +12,19 @@ from flask import Flask, current_app, g, has_app_context
 from flask.cli import FlaskGroup
 from sqlalchemy import orm
 
-from . import health
-from .assembly import build_state
-from .cli import CLIConfigError, db_check
-from .compat import FlaskSQLAlchemyAPI
-from .errors import DatabaseUnavailableError, NeonConfigError, NeonStateError, classify
-from .handlers import register_error_handlers
-from .models import model_base
-from .monitoring import Leak
-from .probe import run_probe
-from .profiles import PoolConfig
-from .settings import NeonSettings
-from .state import EXTENSION_KEY, NeonState
-from .url import DatabaseURL
+from . import _health as health
+from ._assembly import build_state
+from ._cli import CLIConfigError, db_check
+from ._compat import FlaskSQLAlchemyAPI
+from ._errors import DatabaseUnavailableError, NeonConfigError, NeonStateError, classify
+from ._handlers import register_error_handlers
+from ._models import model_base
+from ._monitoring import Leak
+from ._probe import run_probe
+from ._profiles import PoolConfig
+from ._settings import NeonSettings
+from ._state import EXTENSION_KEY, NeonState
+from ._url import DatabaseURL
 
 log = logging.getLogger("flask_neon")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import dataclasses
 import typing as t
 
-from .settings import Source
-from .settings_loader import LoadedSettings
+from ._settings import Source
+from ._settings_loader import LoadedSettings
 
 POOL_FIELDS = ("pool_size", "max_overflow", "pool_timeout", "pool_recycle")
 

@@ -7,11 +7,11 @@ import typing as t
 
 from pydantic import SecretStr
 
-from .errors import ErrorCause, NeonError
-from .probe import ProbeResult
-from .settings import NeonSettings, key_for
-from .state import NeonState
-from .url import MASK, parse_url
+from ._errors import ErrorCause, NeonError
+from ._probe import ProbeResult
+from ._settings import NeonSettings, key_for
+from ._state import NeonState
+from ._url import MASK, parse_url
 
 LABEL_WIDTH = 17
 

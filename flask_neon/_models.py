@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from flask import abort
 from sqlalchemy import orm
 
-from .pagination import Pagination, paginate_query
+from ._pagination import Pagination, paginate_query
 
 _CAMEL = re.compile(r"((?<=[a-z0-9])[A-Z]|(?!^)[A-Z](?=[a-z]))")
 

@@ -8,8 +8,8 @@ import typing as t
 import sqlalchemy.exc as sa_exc
 from flask import Flask, Response, jsonify
 
-from .errors import DatabaseUnavailableError, classify
-from .state import current_state
+from ._errors import DatabaseUnavailableError, classify
+from ._state import current_state
 
 log = logging.getLogger("flask_neon")
 

@@ -1,7 +1,7 @@
 """``flask db-check``: can this app reach its database, and how is it configured to?
 
 No output ever carries the database password: the URL is shown masked and driver messages go
-through :func:`~flask_neon.errors.classify`, which masks the secrets of every URL.
+through :func:`~flask_neon._errors.classify`, which masks the secrets of every URL.
 """
 
 from __future__ import annotations
@@ -15,11 +15,11 @@ import click
 from click.core import ParameterSource
 from flask.cli import AppGroup, NoAppException, with_appcontext
 
-from . import reports
-from .errors import NeonConfigError, NeonStateError
-from .retry import Backoff
-from .settings import key_for
-from .state import NeonState, current_state
+from . import _reports as reports
+from ._errors import NeonConfigError, NeonStateError
+from ._retry import Backoff
+from ._settings import key_for
+from ._state import NeonState, current_state
 
 
 class CLIConfigError(NeonConfigError, NoAppException):

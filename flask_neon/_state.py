@@ -10,14 +10,14 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from sqlalchemy import orm
 
-from .engine import limit_parameters, limits_mode
-from .errors import NeonStateError
-from .monitoring import PoolMonitor
-from .probe import HealthChecker
-from .profiles import PoolConfig
-from .settings import NeonSettings
-from .settings_loader import LoadedSettings
-from .url import DatabaseURL
+from ._engine import limit_parameters, limits_mode
+from ._errors import NeonStateError
+from ._monitoring import PoolMonitor
+from ._probe import HealthChecker
+from ._profiles import PoolConfig
+from ._settings import NeonSettings
+from ._settings_loader import LoadedSettings
+from ._url import DatabaseURL
 
 #: The key of :class:`NeonState` in ``app.extensions``.
 EXTENSION_KEY = "flask-neon"

@@ -15,7 +15,7 @@ import threading
 import time
 import typing as t
 
-from .errors import ErrorCause, classify
+from ._errors import ErrorCause, classify
 
 log = logging.getLogger("flask_neon")
 

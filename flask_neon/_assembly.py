@@ -1,4 +1,4 @@
-"""From an app's configuration to its :class:`~flask_neon.state.NeonState`, in one pass.
+"""From an app's configuration to its :class:`~flask_neon._state.NeonState`, in one pass.
 
 Settings are read once (``app.config``, the environment, ``.env``), the URLs resolved once, the
 profile turns the settings into pool arguments once, and the engines are built from those.
@@ -14,13 +14,13 @@ import typing as t
 from pydantic import SecretStr
 from sqlalchemy import orm
 
-from .engine import make_engine
-from .monitoring import PoolMonitor, install_slow_query_log
-from .probe import HealthChecker
-from .profiles import PoolConfig, pool_config, resolve_profile
-from .settings_loader import load_settings
-from .state import AppEngine, Extension, NeonState
-from .url import DatabaseURL, resolve_urls
+from ._engine import make_engine
+from ._monitoring import PoolMonitor, install_slow_query_log
+from ._probe import HealthChecker
+from ._profiles import PoolConfig, pool_config, resolve_profile
+from ._settings_loader import load_settings
+from ._state import AppEngine, Extension, NeonState
+from ._url import DatabaseURL, resolve_urls
 
 log = logging.getLogger("flask_neon")
 
@@ -74,7 +74,7 @@ def build_state(
         if settings.slow_query_ms:
             install_slow_query_log(engine, settings.slow_query_ms)
         if settings.metrics and url is urls.primary:
-            from .metrics import install_metrics  # prometheus_client only when asked for
+            from ._metrics import install_metrics  # prometheus_client only when asked for
 
             install_metrics(engine, monitor, app_name)
         checker = HealthChecker(engine, secrets, settings.health_cache_seconds)

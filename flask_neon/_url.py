@@ -13,7 +13,7 @@ from urllib.parse import quote, unquote
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from .errors import NeonConfigError
+from ._errors import NeonConfigError
 
 # SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which flask-neon does not install.
 DRIVER = "postgresql+psycopg2"

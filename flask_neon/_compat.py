@@ -9,8 +9,8 @@ import typing as t
 import sqlalchemy as sa
 from sqlalchemy import orm
 
-from .models import Query, abort_404
-from .pagination import Pagination, paginate_select
+from ._models import Query, abort_404
+from ._pagination import Pagination, paginate_select
 
 
 class FlaskSQLAlchemyAPI:

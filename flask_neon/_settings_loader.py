@@ -10,8 +10,8 @@ import typing as t
 import annotated_types
 from pydantic import SecretStr, ValidationError
 
-from .errors import NeonConfigError
-from .settings import NeonSettings, Source, key_for
+from ._errors import NeonConfigError
+from ._settings import NeonSettings, Source, key_for
 
 
 @dataclasses.dataclass(frozen=True)

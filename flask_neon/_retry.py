@@ -2,7 +2,7 @@
 
 Used by the engine (opening a connection to a compute that is waking up) and by
 ``flask db-check --wait``. What is worth retrying is decided by the error classification
-(:attr:`~flask_neon.errors.ErrorCause.transient`), not here.
+(:attr:`~flask_neon._errors.ErrorCause.transient`), not here.
 """
 
 from __future__ import annotations

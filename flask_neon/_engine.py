@@ -28,12 +28,12 @@ from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
 from . import driver
-from .errors import NeonConfigError, classify
-from .monitoring import MeasuredQueuePool
-from .profiles import PoolConfig
-from .retry import Backoff
-from .settings import NeonSettings
-from .url import DatabaseURL
+from ._errors import NeonConfigError, classify
+from ._monitoring import MeasuredQueuePool
+from ._profiles import PoolConfig
+from ._retry import Backoff
+from ._settings import NeonSettings
+from ._url import DatabaseURL
 
 log = logging.getLogger("flask_neon")
 

@@ -8,8 +8,8 @@ import typing as t
 
 from flask import Blueprint, Response
 
-from .handlers import json_response
-from .state import NeonState, current_state
+from ._handlers import json_response
+from ._state import NeonState, current_state
 
 log = logging.getLogger("flask_neon")
 

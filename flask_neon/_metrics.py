@@ -24,8 +24,8 @@ import typing as t
 import sqlalchemy as sa
 from sqlalchemy.pool import QueuePool
 
-from .errors import NeonConfigError
-from .monitoring import PoolMonitor
+from ._errors import NeonConfigError
+from ._monitoring import PoolMonitor
 
 #: Checkout waits of interest: a free connection (under 1 ms) up to a 30 s pool timeout.
 WAIT_BUCKETS = (0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
