@@ -17,11 +17,10 @@ import os
 import pathlib
 import subprocess
 import sys
-import tarfile
 import tempfile
-import xml.etree.ElementTree as ET
 
 import sqlalchemy
+from sdist import download, failures  # .ci/, the script's own folder
 
 from flask_neon.local import LocalPostgres
 
@@ -39,38 +38,10 @@ SETUP = [
 ]
 
 
-def sqlalchemy_source(workdir: pathlib.Path) -> pathlib.Path:
-    """Download and unpack the sdist of the installed SQLAlchemy."""
-    version = sqlalchemy.__version__
-    subprocess.run(
-        [
-            *(sys.executable, "-m", "pip", "download", "-q", "--no-deps"),
-            *("--no-binary", ":all:", "-d", str(workdir), f"sqlalchemy=={version}"),
-        ],
-        check=True,
-    )
-    archive = next(workdir.glob(f"[sS][qQ][lL][aA]lchemy-{version}.tar.gz"))
-    with tarfile.open(archive) as tar:
-        tar.extractall(workdir, filter="data")
-    return workdir / f"sqlalchemy-{version}"
-
-
-def failures(report: pathlib.Path) -> tuple[int, set[str]]:
-    """Tests run and the ids of those that failed or errored, from a JUnit XML report."""
-    cases = list(ET.parse(report).getroot().iter("testcase"))
-    failed = {
-        f"{case.get('classname')}::{case.get('name')}"
-        for case in cases
-        if case.find("failure") is not None or case.find("error") is not None
-    }
-    ran = sum(1 for case in cases if case.find("skipped") is None)
-    return ran, failed
-
-
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="flask-neon-foreign-") as tmp:
         workdir = pathlib.Path(tmp)
-        source = sqlalchemy_source(workdir)
+        source = download("sqlalchemy", sqlalchemy.__version__, workdir)
         settings = {"max_prepared_transactions": "10", "max_connections": "200"}
         with LocalPostgres(settings=settings) as cluster:
             runs = {}

@@ -11,16 +11,20 @@ import logging
 import os
 import typing as t
 
+import sqlalchemy as sa
 from pydantic import SecretStr
 from sqlalchemy import orm
 
 from ._engine import make_engine
+from ._errors import NeonConfigError
 from ._monitoring import PoolMonitor, install_slow_query_log
 from ._probe import HealthChecker
 from ._profiles import PoolConfig, pool_config, resolve_profile
+from ._session import RoutingSession
+from ._settings import key_for
 from ._settings_loader import load_settings
-from ._state import AppEngine, Extension, NeonState
-from ._url import DatabaseURL, resolve_urls
+from ._state import AppEngine, Bind, Extension, NeonState
+from ._url import DatabaseURL, apply_tls_policy, parse_url, resolve_urls
 
 log = logging.getLogger("flask_neon")
 
@@ -36,6 +40,7 @@ def build_state(
     debug: bool,
     env_file: str | os.PathLike[str] | None,
     session_options: t.Mapping[str, t.Any],
+    engine_options: t.Mapping[str, t.Any] = {},
 ) -> NeonState:
     """Read the settings and build the engines of one app; connects to nothing.
 
@@ -60,14 +65,33 @@ def build_state(
     leak_threshold = settings.leak_threshold
     if leak_threshold is None:
         leak_threshold = DEVELOPMENT_LEAK_THRESHOLD if development else 0
+    bind_urls = {
+        key: _bind_url(key, value, require_tls=require_tls)
+        for key, value in settings.binds.items()
+    }
+    every_url = [urls.primary, urls.direct, urls.read]
+    every_url += [url for bind, _ in bind_urls.values() for url in (bind, bind.direct())]
     # Every checker masks every URL's secrets: a driver message may quote any of them.
-    secrets = [
-        secret for url in (urls.primary, urls.direct, urls.read) if url for secret in url.secrets()
-    ]
+    secrets = [secret for url in every_url if url for secret in url.secrets()]
+    # Migrations and checks are one connection at a time: a tiny pool is enough.
+    admin_pool = dataclasses.replace(pool, pool_size=1, max_overflow=2)
 
-    def build(url: DatabaseURL, pooled: bool, config: PoolConfig) -> AppEngine:
+    def build(
+        url: DatabaseURL,
+        pooled: bool,
+        config: PoolConfig,
+        options: t.Mapping[str, t.Any] | None = None,
+    ) -> AppEngine:
         engine = make_engine(
-            url, settings, config, pooled=pooled, application_name=f"flask-neon:{app_name}"
+            url,
+            settings,
+            config,
+            pooled=pooled,
+            application_name=f"flask-neon:{app_name}",
+            engine_options={**engine_options, **settings.engine_options}
+            if options is None
+            else {**engine_options, **options},
+            options_setting="DB_ENGINE_OPTIONS" if options is None else url.setting,
         )
         monitor = PoolMonitor(config.max_overflow, leak_threshold)
         monitor.install(engine)
@@ -84,11 +108,16 @@ def build_state(
     if urls.direct is None or urls.direct is urls.primary:
         admin = primary
     else:
-        # Migrations and checks are one connection at a time: a tiny pool is enough.
-        admin = build(urls.direct, False, dataclasses.replace(pool, pool_size=1, max_overflow=2))
+        admin = build(urls.direct, False, admin_pool)
     read = None
     if urls.read is not None:
         read = build(urls.read, urls.read.is_neon_pooled or bool(settings.pooled), pool)
+    binds = {}
+    for key, (url, options) in bind_urls.items():
+        engine = build(url, url.is_neon_pooled, pool, options)
+        direct = url.direct()  # a Neon pooler host's direct host, for migrations
+        bind_admin = engine if direct is url else build(direct, False, admin_pool, options)
+        binds[key] = Bind(key, engine, bind_admin)
     if urls.pooled and urls.direct is None:
         log.warning(
             "flask-neon: DB_POOLED is on but DB_DIRECT_URL is not set: migrations and "
@@ -101,9 +130,17 @@ def build_state(
         primary=primary,
         admin=admin,
         read=read,
-        sessionmaker=orm.sessionmaker(bind=primary.engine, **session_options),
+        binds=binds,
+        sessionmaker=orm.sessionmaker(
+            bind=primary.engine,
+            class_=RoutingSession,
+            engines={key: bind.primary.engine for key, bind in binds.items()},
+            **session_options,
+        ),
         read_sessionmaker=orm.sessionmaker(
-            bind=(read or primary).engine.execution_options(postgresql_readonly=True),
+            bind=_read_only((read or primary).engine),
+            class_=RoutingSession,
+            engines={key: _read_only(bind.primary.engine) for key, bind in binds.items()},
             **session_options,
         ),
         health_details=(
@@ -111,6 +148,24 @@ def build_state(
         ),
         require_tls=require_tls,
     )
+
+
+def _bind_url(
+    key: str, value: str | t.Mapping[str, t.Any], *, require_tls: bool
+) -> tuple[DatabaseURL, dict[str, t.Any]]:
+    """The URL of one ``DB_BINDS`` entry and its engine options (Flask-SQLAlchemy's forms)."""
+    setting = f"{key_for('binds')}[{key!r}]"
+    options = dict(value) if isinstance(value, t.Mapping) else {"url": value}
+    raw = options.pop("url", None)
+    if not isinstance(raw, str):
+        raise NeonConfigError(
+            f"{setting} has no url: give a URL, or create_engine() options with a 'url' key."
+        )
+    return apply_tls_policy(parse_url(raw, setting), require_tls=require_tls), options
+
+
+def _read_only(engine: sa.Engine) -> sa.Engine:
+    return engine.execution_options(postgresql_readonly=True)
 
 
 def _secret(value: SecretStr | None) -> str | None:

@@ -116,7 +116,8 @@ def db_check(ctx: click.Context, as_json: bool, timeout: float | None, wait: flo
             click.echo(
                 f"error: {cause['name']}: {cause['title']}. Hint: {cause['hint']}", err=True
             )
-    ctx.exit(0 if report["reachable"] else 1)
+    every = [report["reachable"], *(bind["reachable"] for bind in report["binds"].values())]
+    ctx.exit(0 if all(every) else 1)
 
 
 @db_check.command("pool")
@@ -185,15 +186,20 @@ def _run_check(
     # it cannot (and vice versa). Its checker's single flight matters for --wait: after an
     # attempt times out, the next one waits for the probe still running instead of starting
     # another thread beside it.
-    checker = state.admin.health
+    # Each bind is checked the same way, side by side under the same deadline.
+    checkers = [state.admin.health, *(bind.admin.health for bind in state.binds.values())]
     backoff = Backoff(time.monotonic() + wait)
     while True:
         deadline = time.monotonic() + timeout
-        result, _ = checker.wait(checker.start(use_cache=False), deadline)
-        cause = result.cause
+        pending = [checker.start(use_cache=False) for checker in checkers]
+        results = [
+            checker.wait(p, deadline)[0] for checker, p in zip(checkers, pending, strict=True)
+        ]
+        causes = [result.cause for result in results if result.cause is not None]
         # Only what waiting can fix is waited for (a wrong password is reported at once).
-        if cause is None or not cause.transient:
+        if not causes or not all(cause.transient for cause in causes):
             break
+        cause = causes[0]
         delay = backoff.next_delay()
         if delay is None:
             break
@@ -204,7 +210,7 @@ def _run_check(
                 err=True,
             )
         time.sleep(delay)
-    return reports.report(state, result, backoff.attempts, timeout)
+    return reports.report(state, results, backoff.attempts, timeout)
 
 
 # -- helpers -------------------------------------------------------------------------------------

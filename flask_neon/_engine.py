@@ -70,8 +70,14 @@ def make_engine(
     *,
     pooled: bool,
     application_name: str = "flask-neon",
+    engine_options: t.Mapping[str, t.Any] | None = None,
+    options_setting: str = "DB_ENGINE_OPTIONS",
 ) -> sa.Engine:
-    """Create the engine for one app. Call once per app and process; never per request."""
+    """Create one engine of an app. Call once per app and process; never per request.
+
+    ``engine_options`` (default: ``DB_ENGINE_OPTIONS``) go to ``create_engine`` over the
+    profile's; errors about them name ``options_setting``.
+    """
     mode = limits_mode(settings, pooled)
     limits = limit_parameters(settings)
     connect_args = _connect_args(url, settings, application_name)
@@ -93,11 +99,11 @@ def make_engine(
         # Parameters carry user data and sometimes secrets: keep them out of logs and errors.
         hide_parameters=True,
     )
-    extra = dict(settings.engine_options)
+    extra = dict(settings.engine_options if engine_options is None else engine_options)
     refused = sorted(set(extra) & {"poolclass", "pool", "creator"})
     if refused:
         raise NeonConfigError(
-            f"DB_ENGINE_OPTIONS: {', '.join(refused)} not accepted; flask-neon builds the pool "
+            f"{options_setting}: {', '.join(refused)} not accepted; flask-neon builds the pool "
             "itself (use the DB_POOL_* settings)."
         )
     connect_args.update(extra.pop("connect_args", {}))
@@ -110,7 +116,7 @@ def make_engine(
         )
     except TypeError as exc:
         # SQLAlchemy names the arguments it does not know; nothing else is in the message.
-        raise NeonConfigError(f"DB_ENGINE_OPTIONS: {exc}") from None
+        raise NeonConfigError(f"{options_setting}: {exc}") from None
     # A pooler drops session state after each transaction, so the limits are set per
     # transaction. SET LOCAL ends with the transaction and never leaks to another client.
     per_transaction = (

@@ -61,6 +61,8 @@ class NeonDB(FlaskSQLAlchemyAPI):
             when they can name it, so ``class Note(Base)`` type-checks where
             ``class Note(db.Model)`` cannot.
         session_options: Extra arguments for each ``Session`` (e.g. ``expire_on_commit``).
+        engine_options: ``create_engine()`` options for every engine, under
+            ``DB_ENGINE_OPTIONS`` and a bind's own (as Flask-SQLAlchemy's ``engine_options``).
         env_file: The dotenv file to read settings from (``None``: none).
     """
 
@@ -71,6 +73,7 @@ class NeonDB(FlaskSQLAlchemyAPI):
         metadata: sa.MetaData | None = None,
         model_class: type[orm.DeclarativeBase] | None = None,
         session_options: dict[str, t.Any] | None = None,
+        engine_options: dict[str, t.Any] | None = None,
         env_file: str | os.PathLike[str] | None = ".env",
     ) -> None:
         if model_class is not None:
@@ -83,15 +86,17 @@ class NeonDB(FlaskSQLAlchemyAPI):
         self.metadata = (
             metadata if metadata is not None else sa.MetaData(naming_convention=NAMING_CONVENTION)
         )
+        self._bind_metadatas: dict[str, sa.MetaData] = {}
         #: The declarative base of this extension's models, bound to :attr:`metadata`::
         #:
         #:     class Note(db.Model):
         #:         __tablename__ = "notes"
         #:         id: Mapped[int] = mapped_column(primary_key=True)
         self.Model: type[orm.DeclarativeBase] = model_base(
-            self.metadata, lambda: self.session, model_class
+            self._metadata_for, lambda: self.session, model_class
         )
         self.session_options = dict(session_options or {})
+        self.engine_options = dict(engine_options or {})
         self.env_file = env_file
         if app is not None:
             self.init_app(app)
@@ -120,6 +125,7 @@ class NeonDB(FlaskSQLAlchemyAPI):
                 debug=app.debug,
                 env_file=self.env_file,
                 session_options=self.session_options,
+                engine_options=self.engine_options,
             )
         except NeonConfigError as error:
             if _loading_for_cli_command():
@@ -127,6 +133,8 @@ class NeonDB(FlaskSQLAlchemyAPI):
                 raise CLIConfigError(str(error)) from None
             raise
         settings = state.settings
+        for key in state.binds:
+            self._metadata_for(key)  # Flask-Migrate reads db.metadatas[key] of every bind
         if settings.connect_on_start:
             if _loading_for_cli_command():
                 # `flask db-check` reports an unreachable database itself, and `flask db ...`
@@ -143,7 +151,7 @@ class NeonDB(FlaskSQLAlchemyAPI):
         app.cli.add_command(db_check)
         app.shell_context_processor(self._shell_context)
         log.info(
-            "flask-neon: app %r uses %s (%s host%s%s), profile %s, pool %s, session limits %s",
+            "flask-neon: app %r uses %s (%s host%s%s%s), profile %s, pool %s, session limits %s",
             app.name,
             state.url.masked(),
             "pooled" if state.pooled else "direct",
@@ -151,6 +159,7 @@ class NeonDB(FlaskSQLAlchemyAPI):
             if state.admin is not state.primary
             else "",
             f", reads via {state.read.url.masked()}" if state.read is not None else "",
+            "".join(f", bind {k!r} {b.primary.url.masked()}" for k, b in state.binds.items()),
             state.pool.profile,
             {k: v for k, v in state.pool.as_dict().items() if k != "profile"},
             state.session_limits,
@@ -190,23 +199,30 @@ class NeonDB(FlaskSQLAlchemyAPI):
         engine on the direct host (``DB_DIRECT_URL``, or the Neon host without ``-pooler``),
         because migrations need session state that a transaction-mode pooler drops.
         Flask-Migrate's ``env.py`` calls ``db.get_engine()`` first, so ``flask db upgrade``
-        runs on the direct host with no change to ``env.py``. ``bind`` must be None (the
-        default database; Flask-Migrate's multi-database template asks for it).
+        runs on the direct host with no change to ``env.py``. ``bind``: a key of ``DB_BINDS``
+        (its direct host likewise), or None for the default database.
         """
-        if bind is not None:
-            raise NeonStateError(f"no bind {bind!r}: flask-neon has one database per app")
-        return self._state(app, "db.get_engine()").admin.engine
+        state = self._state(app, "db.get_engine()")
+        if bind is None:
+            return state.admin.engine
+        if bind not in state.binds:
+            raise NeonStateError(
+                f"db.get_engine(bind={bind!r}): no such bind in DB_BINDS (or SQLALCHEMY_BINDS); "
+                f"configured: {', '.join(map(repr, state.binds)) or 'none'}."
+            )
+        return state.binds[bind].admin.engine
+
+    @property
+    def engines(self) -> dict[str | None, sa.Engine]:
+        """Every database's engine: ``None`` for ``DB_URL``, then each key of ``DB_BINDS``."""
+        state = self._state(what="db.engines")
+        return {None: state.engine, **{k: b.primary.engine for k, b in state.binds.items()}}
 
     @property
     def read_engine(self) -> sa.Engine:
         """The read replica's engine (``DB_READ_URL``), or the primary's when unset."""
         state = self._state(what="db.read_engine")
         return (state.read or state.primary).engine
-
-    @property
-    def metadatas(self) -> dict[str | None, sa.MetaData]:
-        """``{None: metadata}``, the shape Flask-Migrate's ``env.py`` reads."""
-        return {None: self.metadata}
 
     @property
     def pool_config(self) -> PoolConfig:
@@ -313,10 +329,11 @@ def _loading_for_cli_command() -> bool:
 
 
 def _check_connection(state: NeonState) -> None:
-    # The probe classifies a failure; the driver's traceback adds nothing to that cause.
-    cause = run_probe(state.engine, state.url.secrets()).cause
-    if cause is not None:
-        state.engine.dispose()
-        raise DatabaseUnavailableError(
-            cause, f"DB_CONNECT_ON_START: cannot reach {state.url.masked()}"
-        )
+    for app_engine in [state.primary, *(bind.primary for bind in state.binds.values())]:
+        # The probe classifies a failure; the driver's traceback adds nothing to that cause.
+        cause = run_probe(app_engine.engine, state.secrets()).cause
+        if cause is not None:
+            app_engine.engine.dispose()
+            raise DatabaseUnavailableError(
+                cause, f"DB_CONNECT_ON_START: cannot reach {app_engine.url.masked()}"
+            )

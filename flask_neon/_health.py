@@ -9,6 +9,7 @@ import typing as t
 from flask import Blueprint, Response
 
 from ._handlers import json_response
+from ._probe import ProbeResult
 from ._state import NeonState, current_state
 
 log = logging.getLogger("flask_neon")
@@ -47,10 +48,11 @@ def health_response(state: NeonState) -> tuple[dict[str, t.Any], int]:
         # No query: a probe that never wakes a suspended compute nor keeps it awake.
         body["status"] = "unhealthy" if pool["status"] == "exhausted" else "healthy"
         return body, 200 if body["status"] == "healthy" else 503
-    # Primary and replica are probed side by side under one deadline.
+    # Every database is probed side by side under one deadline.
     deadline = time.monotonic() + settings.health_timeout
     pending = state.primary.health.start()
     replica_pending = state.read.health.start() if state.read is not None else None
+    binds_pending = {key: bind.primary.health.start() for key, bind in state.binds.items()}
     result, cached = state.primary.health.wait(pending, deadline)
     body.update(
         status="healthy" if result.healthy else "unhealthy",
@@ -60,14 +62,7 @@ def health_response(state: NeonState) -> tuple[dict[str, t.Any], int]:
     )
     if result.cause is not None:
         body["cause"] = result.cause.name
-        if not cached:
-            log.warning(
-                "flask-neon: health check failed for %s: %s. %s Hint: %s",
-                state.url.masked(),
-                result.cause.title,
-                result.cause.detail,
-                result.cause.hint,
-            )
+    _log_failure(state.url.masked(), result, cached)
     if state.read is not None and replica_pending is not None:
         # The replica is reported, not judged: the app still serves writes without it.
         replica, replica_cached = state.read.health.wait(replica_pending, deadline)
@@ -77,6 +72,26 @@ def health_response(state: NeonState) -> tuple[dict[str, t.Any], int]:
             "cached": replica_cached,
             "cause": replica.cause.name if replica.cause else None,
         }
+    healthy = result.healthy
+    if state.binds:
+        # A bind holds the app's data as DB_URL does: judged like it.
+        body["binds"] = {}
+        for key, bind_pending in binds_pending.items():
+            bind = state.binds[key]
+            bind_result, bind_cached = bind.primary.health.wait(bind_pending, deadline)
+            healthy = healthy and bind_result.healthy
+            _log_failure(bind.primary.url.masked(), bind_result, bind_cached)
+            body["binds"][key] = {
+                "status": "healthy" if bind_result.healthy else "unhealthy",
+                "host_kind": "pooled" if bind.primary.pooled else "direct",
+                "latency_ms": bind_result.latency_ms,
+                "cached": bind_cached,
+                "cause": bind_result.cause.name if bind_result.cause else None,
+                "pool": bind.primary.monitor.stats(bind.primary.engine),
+            }
+            if state.health_details:
+                body["binds"][key]["url"] = bind.primary.url.masked()
+        body["status"] = "healthy" if healthy else "unhealthy"
     if state.health_details:
         facts = ("server_version", "database", "user", "tls", "tls_version")
         body["details"] = {
@@ -85,4 +100,17 @@ def health_response(state: NeonState) -> tuple[dict[str, t.Any], int]:
             "error": result.cause.detail if result.cause else None,
             "hint": result.cause.hint if result.cause else None,
         }
-    return body, 200 if result.healthy else 503
+    return body, 200 if healthy else 503
+
+
+def _log_failure(url: str, result: ProbeResult, cached: bool) -> None:
+    """Log a failed probe once, when it ran (a cached failure was logged when it ran)."""
+    if result.cause is not None and not cached:
+        cause = result.cause
+        log.warning(
+            "flask-neon: health check failed for %s: %s. %s Hint: %s",
+            url,
+            cause.title,
+            cause.detail,
+            cause.hint,
+        )

@@ -84,9 +84,17 @@ def _defines_primary_key(cls: type) -> bool:
 
 
 class ModelMixin:
-    """Added to ``db.Model``: names tables as Flask-SQLAlchemy does when a class does not."""
+    """Added to ``db.Model``: names tables as Flask-SQLAlchemy does when a class does not, and
+    puts the table of a class with ``__bind_key__`` in that bind's metadata."""
+
+    _metadata_for: t.ClassVar[Callable[[str | None], sa.MetaData]]
 
     def __init_subclass__(cls, **kwargs: t.Any) -> None:
+        own_table = "metadata" in vars(cls) or "__table__" in vars(cls)
+        if hasattr(cls, "__bind_key__") and not own_table:
+            metadata = cls._metadata_for(getattr(cls, "__bind_key__"))  # noqa: B009
+            if metadata is not getattr(cls, "metadata", None):
+                setattr(cls, "metadata", metadata)  # noqa: B010
         inherited = any("__tablename__" in vars(base) for base in cls.__mro__[1:])
         if (
             orm.DeclarativeBase not in cls.__bases__  # db.Model itself has no table
@@ -102,17 +110,21 @@ class ModelMixin:
 
 
 def model_base(
-    metadata: sa.MetaData, session: Callable[[], orm.Session], model_class: type[t.Any] | None
+    metadata_for: Callable[[str | None], sa.MetaData],
+    session: Callable[[], orm.Session],
+    model_class: type[t.Any] | None,
 ) -> type[orm.DeclarativeBase]:
     """The ``db.Model`` of one extension: the application's base or a new one, with the
-    table naming and ``query`` of Flask-SQLAlchemy."""
+    table naming, bind keys and ``query`` of Flask-SQLAlchemy. ``metadata_for(key)`` is the
+    metadata of a bind key (``None``: the default one)."""
     namespace: dict[str, t.Any] = {"query": _QueryProperty(session), "query_class": Query}
     if model_class is not None:
         for name, value in namespace.items():
             if not hasattr(model_class, name):
                 setattr(model_class, name, value)
         return t.cast(type[orm.DeclarativeBase], model_class)
-    namespace["metadata"] = metadata
+    namespace["metadata"] = metadata_for(None)
+    namespace["_metadata_for"] = staticmethod(metadata_for)
     return t.cast(
         type[orm.DeclarativeBase], type("Model", (ModelMixin, orm.DeclarativeBase), namespace)
     )

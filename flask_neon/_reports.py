@@ -17,10 +17,23 @@ LABEL_WIDTH = 17
 
 
 def report(
-    state: NeonState, result: ProbeResult, attempts: int, timeout: float
+    state: NeonState, results: list[ProbeResult], attempts: int, timeout: float
 ) -> dict[str, t.Any]:
-    """The check of ``state.admin`` (the direct host when DB_URL is pooled) as JSON data."""
+    """The check of ``state.admin`` (the direct host when DB_URL is pooled), then of each
+    bind's, as JSON data; ``results`` in that order."""
     limits = state.session_limits
+    result, *bind_results = results
+    binds = {
+        key: {
+            "reachable": bind_result.healthy,
+            "latency_ms": bind_result.latency_ms,
+            "url": bind.primary.url.masked(),
+            "checked_url": bind.admin.url.masked(),
+            "cause": cause(bind_result.cause, timeout),
+        }
+        for (key, bind), bind_result in zip(state.binds.items(), bind_results, strict=True)
+    }
+    first_cause = next((r.cause for r in results if r.cause is not None), None)
     return {
         "reachable": result.healthy,
         "latency_ms": result.latency_ms,
@@ -40,8 +53,9 @@ def report(
             "idle_in_transaction_session_timeout": result.idle_in_transaction_session_timeout,
             "configured": {name: value for name, value in limits.items() if name != "mode"},
         },
-        "cause": cause(result.cause, timeout),
+        "cause": cause(first_cause, timeout),
         "attempts": attempts,
+        "binds": binds,
     }
 
 
@@ -96,6 +110,12 @@ def check_lines(report: dict[str, t.Any]) -> list[str]:
     else:
         shown = configured_limits({"mode": limits["mode"], **limits["configured"]})
     lines.append(line("session limits", shown))
+    for key, bind in report["binds"].items():
+        state = "reachable" if bind["reachable"] else f"unreachable ({bind['cause']['name']})"
+        shown = f"{bind['url']}: {state}, {bind['latency_ms']:.2f} ms"
+        if bind["checked_url"] != bind["url"]:
+            shown += f", checked via {bind['checked_url']} (direct host)"
+        lines.append(line(f"bind {key}", shown))
     cause = report["cause"]
     if cause is not None and cause["detail"]:
         lines.append(line("detail", cause["detail"]))
@@ -115,11 +135,15 @@ def setting_rows(state: NeonState) -> dict[str, dict[str, t.Any]]:
             value = state.url.masked()
         elif isinstance(value, SecretStr):
             value = masked_url(value)
-        elif name == "engine_options":
-            # connect_args may carry a password or a key: shown by name only.
+        elif name == "binds":
             value = {
-                k: ({a: MASK for a in v} if k == "connect_args" else v) for k, v in value.items()
+                key: masked_url(SecretStr(bind))
+                if isinstance(bind, str)
+                else _masked_options(bind)
+                for key, bind in value.items()
             }
+        elif name == "engine_options":
+            value = _masked_options(value)
         elif value is None:
             # Unset means "the profile decides": show what was decided, not a bare None.
             value, source = derived(state, name, value, source)
@@ -150,6 +174,17 @@ def masked_url(value: SecretStr) -> str:
         return parse_url(value.get_secret_value()).masked()
     except NeonError:
         return MASK
+
+
+def _masked_options(options: dict[str, t.Any]) -> dict[str, t.Any]:
+    """``create_engine()`` options with the url masked and connect_args shown by name only
+    (they may carry a password or a key)."""
+    shown = dict(options)
+    if "url" in shown:
+        shown["url"] = masked_url(SecretStr(str(shown["url"])))
+    if "connect_args" in shown:
+        shown["connect_args"] = {name: MASK for name in shown["connect_args"]}
+    return shown
 
 
 def configured_limits(limits: dict[str, t.Any]) -> str:

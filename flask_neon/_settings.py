@@ -99,6 +99,12 @@ class NeonSettings(BaseSettings):
         "environment). flask-neon builds the pool itself: poolclass, pool and creator are "
         "refused; connect_args are merged over its own.",
     )
+    binds: dict[str, str | dict[str, t.Any]] = Field(
+        default_factory=dict,
+        description="Other databases, by bind key (a JSON object in the environment): a URL, "
+        "or create_engine() options with a url. Models choose one with __bind_key__; each "
+        "gets its own engine with the profile, limits, TLS policy and health line of DB_URL.",
+    )
     statement_timeout: float = Field(
         default=30.0,
         ge=0,

@@ -49,6 +49,7 @@ ALIASES = {
     "url": "SQLALCHEMY_DATABASE_URI",
     "echo": "SQLALCHEMY_ECHO",
     "engine_options": "SQLALCHEMY_ENGINE_OPTIONS",
+    "binds": "SQLALCHEMY_BINDS",
 }
 
 
@@ -104,7 +105,7 @@ def _sources(overrides: t.Mapping[str, t.Any], dotenv: t.Mapping[str, str]) -> d
     return sources
 
 
-_SECRET_FIELDS = frozenset({"url", "direct_url", "read_url"})
+_SECRET_FIELDS = frozenset({"url", "direct_url", "read_url", "binds"})
 
 
 def _explain(exc: ValidationError) -> str:
@@ -120,6 +121,12 @@ def _explain(exc: ValidationError) -> str:
                 )
             else:
                 lines.append(f"{key} is required.")
+            continue
+        if field == "binds":
+            lines.append(
+                f"{key} must map bind keys to URLs or to create_engine() options with a url "
+                f"({error['msg'].lower()})."
+            )
             continue
         if field in _SECRET_FIELDS:
             lines.append(f"{key} must be a string URL ({error['msg'].lower()}).")
@@ -147,6 +154,8 @@ def _allowed(field: str) -> str:
         return "a URL path starting with '/'"
     if annotation is bool:
         return "a boolean (true/false, 1/0, yes/no, on/off)"
+    if field == "binds":
+        return "a mapping of bind keys to URLs"
     if t.get_origin(annotation) is dict:
         return "a mapping of create_engine() options"
     low = next((item.ge for item in info.metadata if isinstance(item, annotated_types.Ge)), None)

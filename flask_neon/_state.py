@@ -34,6 +34,16 @@ class AppEngine:
     health: HealthChecker
 
 
+@dataclasses.dataclass(frozen=True)
+class Bind:
+    """One database of ``DB_BINDS``: its engine, and the one for migrations (its direct host
+    when the bind's URL is a Neon pooler host, else the same)."""
+
+    key: str
+    primary: AppEngine
+    admin: AppEngine
+
+
 class Extension(t.Protocol):
     """What the state needs of the extension object that built it (a ``NeonDB``)."""
 
@@ -54,6 +64,8 @@ class NeonState:
     admin: AppEngine
     #: The read replica's engine when DB_READ_URL is set.
     read: AppEngine | None
+    #: The other databases (DB_BINDS), by bind key.
+    binds: dict[str, Bind]
     sessionmaker: orm.sessionmaker[orm.Session]
     read_sessionmaker: orm.sessionmaker[orm.Session]
     health_details: bool
@@ -82,7 +94,8 @@ class NeonState:
 
     def secrets(self) -> list[str]:
         """Every secret of every URL the app uses, for masking free text."""
-        engines = (self.primary, self.admin, self.read)
+        engines = [self.primary, self.admin, self.read]
+        engines += [e for bind in self.binds.values() for e in (bind.primary, bind.admin)]
         return [secret for e in engines if e is not None for secret in e.url.secrets()]
 
     @property

@@ -125,16 +125,27 @@ def database_url(local_pg: LocalPostgres | None) -> str:
 
 
 @pytest.fixture
-def fresh_database(database_url: str) -> Iterator[str]:
-    """A new, empty database for one test; dropped afterwards."""
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    admin_execute(database_url, f'CREATE DATABASE "{name}"')
-    url = parse_url(database_url)
-    fresh = url.to_sqlalchemy().set(database=name).render_as_string(hide_password=False)
+def new_database(database_url: str) -> Iterator[Callable[[], str]]:
+    """Makes new, empty databases for one test and returns their URLs; dropped afterwards."""
+    names: list[str] = []
+
+    def make() -> str:
+        names.append(f"t_{uuid.uuid4().hex[:12]}")
+        admin_execute(database_url, f'CREATE DATABASE "{names[-1]}"')
+        url = parse_url(database_url).to_sqlalchemy().set(database=names[-1])
+        return url.render_as_string(hide_password=False)
+
     try:
-        yield fresh
+        yield make
     finally:
-        admin_execute(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        for name in names:
+            admin_execute(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def fresh_database(new_database: Callable[[], str]) -> str:
+    """A new, empty database for one test; dropped afterwards."""
+    return new_database()
 
 
 AppFactory = Callable[..., tuple[Flask, NeonDB]]

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import typing as t
 import uuid
-from collections.abc import Iterator
 
 import flask_sqlalchemy
 import pytest
@@ -15,13 +14,13 @@ from flask import Flask, request
 from flask_neon import NeonConfigError, NeonDB
 from flask_neon._models import table_name
 
-from .conftest import admin_execute
 
-
-def blog_app(db: t.Any, url: str) -> Flask:
-    """A small Flask-SQLAlchemy blog; ``db`` is ``SQLAlchemy()`` or ``NeonDB()``."""
+def blog_app(db: t.Any, url: str, audit_url: str | None = None) -> Flask:
+    """A small Flask-SQLAlchemy blog; ``db`` is ``SQLAlchemy()`` or ``NeonDB()``. With
+    ``audit_url``, an audit log lives in that second database (bind ``audit``)."""
     app = Flask(f"blog_{uuid.uuid4().hex[:6]}")
     app.config["SQLALCHEMY_DATABASE_URI"] = url
+    app.config["SQLALCHEMY_BINDS"] = {"audit": audit_url} if audit_url else {}
 
     class User(db.Model):  # type: ignore[name-defined, misc]
         id = db.Column(db.Integer, primary_key=True)
@@ -32,8 +31,26 @@ def blog_app(db: t.Any, url: str) -> Flask:
         title = db.Column(db.String(100), nullable=False)
         user_id = db.Column(db.Integer, db.ForeignKey("user.id"), nullable=False)
         author = db.relationship(User, backref="posts")
+        tags = db.relationship("Tag", secondary=lambda: post_tag)
+
+    class Tag(db.Model):  # type: ignore[name-defined, misc]
+        name = db.Column(db.String(20), primary_key=True)
+
+    post_tag = db.Table(
+        "post_tag",
+        db.Column("post_id", db.ForeignKey(BlogPost.id), primary_key=True),
+        db.Column("tag_name", db.ForeignKey(Tag.name), primary_key=True),
+    )
+
+    class AuditEntry(db.Model):  # type: ignore[name-defined, misc]
+        __bind_key__ = "audit" if audit_url else None
+        id = db.Column(db.Integer, primary_key=True)
+        action = db.Column(db.String(100), nullable=False)
 
     db.init_app(app)
+
+    def audit(action: str) -> None:
+        db.session.add(AuditEntry(action=action))
 
     @app.post("/users")
     def create_user() -> tuple[dict[str, t.Any], int]:
@@ -44,8 +61,10 @@ def blog_app(db: t.Any, url: str) -> Flask:
         except sa.exc.IntegrityError:
             db.session.rollback()
             return {"error": "taken"}, 409
+        tag = db.session.get(Tag, "first") or Tag(name="first")
         for number in range(request.json.get("posts", 0)):  # type: ignore[union-attr]
-            db.session.add(BlogPost(title=f"post {number}", author=user))
+            db.session.add(BlogPost(title=f"post {number}", author=user, tags=[tag]))
+        audit(f"created {user.name}")
         db.session.commit()
         return {"id": user.id}, 201
 
@@ -74,9 +93,22 @@ def blog_app(db: t.Any, url: str) -> Flask:
         page = User.query.order_by(User.id).paginate(error_out=False)
         return pagination(page, lambda user: user.name)
 
+    @app.get("/tags/<name>")
+    def tagged(name: str) -> dict[str, t.Any]:
+        query = db.select(BlogPost).where(BlogPost.tags.any(Tag.name == name))
+        return {"posts": len(db.session.scalars(query).all())}
+
+    @app.get("/audit")
+    def audit_log() -> dict[str, t.Any]:
+        entries = db.session.scalars(db.select(AuditEntry).order_by(AuditEntry.id))
+        return {"actions": [entry.action for entry in entries]}
+
     @app.get("/schema")
     def schema() -> dict[str, t.Any]:
-        return {"tables": sorted(db.metadata.tables), "engines": list(db.engines)}
+        return {
+            "tables": {str(key): sorted(meta.tables) for key, meta in db.metadatas.items()},
+            "engines": sorted(map(str, db.engines)),
+        }
 
     with app.app_context():
         db.create_all()
@@ -113,48 +145,68 @@ SCRIPT: list[tuple[str, str, dict[str, t.Any] | None]] = [
     ("GET", "/posts?page=0", None),
     ("GET", "/posts?page=x", None),
     ("GET", "/legacy/users?page=7", None),  # out of range without error_out
+    ("GET", "/tags/first", None),
     ("GET", "/schema", None),
 ]
+#: With the audit bind: the log in the second database, rolled back with the failed insert.
+AUDIT_SCRIPT = [*SCRIPT, ("GET", "/audit", None)]
 
 
 @pytest.fixture
-def two_databases(database_url: str) -> Iterator[tuple[str, str]]:
-    names = [f"compat_{uuid.uuid4().hex[:8]}" for _ in range(2)]
-    urls = []
-    for name in names:
-        admin_execute(database_url, f'CREATE DATABASE "{name}"')
-        urls.append(sa.make_url(database_url).set(database=name).render_as_string(False))
-    yield urls[0], urls[1]
-    for name in names:
-        admin_execute(database_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def databases(new_database: t.Callable[[], str]) -> list[str]:
+    """Four fresh databases: Flask-SQLAlchemy's main and audit, then flask-neon's."""
+    return [new_database() for _ in range(4)]
 
 
-def answers(app: Flask) -> list[tuple[int, t.Any]]:
+def answers(app: Flask, script: list[tuple[str, str, t.Any]] = SCRIPT) -> list[tuple[int, t.Any]]:
     client = app.test_client()
-    replies = [client.open(path, method=method, json=body) for method, path, body in SCRIPT]
+    replies = [client.open(path, method=method, json=body) for method, path, body in script]
     return [(reply.status_code, reply.get_json(silent=True) or reply.text) for reply in replies]
 
 
 # Query.get() is SQLAlchemy 2's legacy API: a warning in real apps, not the error this suite's
 # filterwarnings makes of it.
 @pytest.mark.filterwarnings("ignore::sqlalchemy.exc.LegacyAPIWarning")
-def test_the_same_app_answers_the_same(two_databases: tuple[str, str]) -> None:
+@pytest.mark.parametrize("with_bind", [False, True], ids=["one-database", "audit-bind"])
+def test_the_same_app_answers_the_same(databases: list[str], with_bind: bool) -> None:
     theirs, ours = flask_sqlalchemy.SQLAlchemy(), NeonDB(env_file=None)
-    original, migrated = blog_app(theirs, two_databases[0]), blog_app(ours, two_databases[1])
+    audit = (databases[1], databases[3]) if with_bind else (None, None)
+    original = blog_app(theirs, databases[0], audit[0])
+    migrated = blog_app(ours, databases[2], audit[1])
+    script = AUDIT_SCRIPT if with_bind else SCRIPT
     try:
-        expected, actual = answers(original), answers(migrated)
+        expected, actual = answers(original, script), answers(migrated, script)
     finally:
         for db, app in ((theirs, original), (ours, migrated)):
             with app.app_context():
-                db.engine.dispose()
+                for engine in db.engines.values():
+                    engine.dispose()
     assert actual == expected
-    statuses = [status for status, _ in expected]
+    statuses = [status for status, _ in expected[: len(SCRIPT)]]
     assert (
         statuses
-        == [201, 201, 409, 200, 404, 200, 404, 200, 404] + [200] * 3 + [404] * 3 + [200] * 2
+        == [201, 201, 409, 200, 404, 200, 404, 200, 404] + [200] * 3 + [404] * 3 + [200] * 3
     )
     assert "no such user" in expected[4][1]
-    assert expected[-1][1]["tables"] == ["blog_post", "user"]
+    assert expected[len(SCRIPT) - 2][1] == {"posts": 24}
+    schema = expected[len(SCRIPT) - 1][1]
+    main_tables = ["blog_post", "post_tag", "tag", "user"]
+    if not with_bind:
+        tables = sorted([*main_tables, "audit_entry"])
+        assert schema == {"tables": {"None": tables}, "engines": ["None"]}
+        return
+    assert schema == {
+        "tables": {"None": main_tables, "audit": ["audit_entry"]},
+        "engines": ["None", "audit"],
+    }
+    assert expected[-1][1] == {"actions": ["created ada", "created bob"]}
+    # Each table in its own database, on both.
+    for url, tables in zip(databases, [main_tables, ["audit_entry"]] * 2, strict=True):
+        engine = sa.create_engine(url)
+        try:
+            assert sorted(sa.inspect(engine).get_table_names()) == tables
+        finally:
+            engine.dispose()
 
 
 @pytest.mark.parametrize(
