@@ -3,7 +3,7 @@
     .venv/bin/python .ci/foreign_suites.py
 
 Downloads the source distribution of the installed SQLAlchemy version (its tests are not in
-the wheel; nothing is copied into this repository), starts a throwaway PostgreSQL cluster,
+the wheel; nothing is copied into this repository), starts two throwaway PostgreSQL clusters,
 and runs SQLAlchemy's PostgreSQL dialect tests and its engine and ORM transaction tests twice,
 side by side: once as they are, once with every engine's transactions opened by
 :func:`flask_neon.driver.install`. Fails when fast BEGIN fails a test that psycopg2's own
@@ -43,9 +43,11 @@ def main() -> int:
         workdir = pathlib.Path(tmp)
         source = download("sqlalchemy", sqlalchemy.__version__, workdir)
         settings = {"max_prepared_transactions": "10", "max_connections": "200"}
-        with LocalPostgres(settings=settings) as cluster:
+        # A cluster per run: prepared transactions' ids (the two-phase tests use fixed ones)
+        # are cluster-wide, and the runs go side by side.
+        with LocalPostgres(settings=settings) as plain, LocalPostgres(settings=settings) as fast:
             runs = {}
-            for mode in ("plain", "fast"):
+            for mode, cluster in (("plain", plain), ("fast", fast)):
                 cluster.execute(f'CREATE DATABASE "sa_{mode}"')
                 for statement in SETUP:
                     cluster.execute(statement, database=f"sa_{mode}")

@@ -346,7 +346,12 @@ def _stop(process: subprocess.Popen[bytes]) -> None:
 
 @contextlib.contextmanager
 def gunicorn(
-    variant: Variant, db_url: str, workdir: pathlib.Path, cores: list[int] | None
+    variant: Variant,
+    db_url: str,
+    workdir: pathlib.Path,
+    cores: list[int] | None,
+    workers: int = WORKERS,
+    threads: int = THREADS,
 ) -> Iterator[str]:
     """Serve ``variant`` on a free port of 127.0.0.1; yields its base URL."""
     port = _free_port()
@@ -359,8 +364,8 @@ def gunicorn(
         "-m",
         "gunicorn",
         "--worker-class=gthread",
-        f"--workers={WORKERS}",
-        f"--threads={THREADS}",
+        f"--workers={workers}",
+        f"--threads={threads}",
         f"--bind=127.0.0.1:{port}",
         f"--pythonpath={ROOT}",
         f"--chdir={workdir}",

@@ -15,6 +15,7 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 from sqlalchemy import orm
 
+from . import _timing, driver
 from ._engine import make_engine
 from ._errors import NeonConfigError
 from ._monitoring import PoolMonitor, install_slow_query_log
@@ -97,6 +98,8 @@ def build_state(
         monitor.install(engine)
         if settings.slow_query_ms:
             install_slow_query_log(engine, settings.slow_query_ms)
+        if settings.server_timing:
+            _timing.install(engine, begin_is_free=settings.fast_begin and driver.AVAILABLE)
         if settings.metrics and url is urls.primary:
             from ._metrics import install_metrics  # prometheus_client only when asked for
 

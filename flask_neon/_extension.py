@@ -8,7 +8,7 @@ import typing as t
 
 import click
 import sqlalchemy as sa
-from flask import Flask, current_app, g, has_app_context
+from flask import Flask, current_app, has_app_context, request_finished
 from flask.cli import FlaskGroup
 from sqlalchemy import orm
 
@@ -16,20 +16,19 @@ from . import _health as health
 from ._assembly import build_state
 from ._cli import CLIConfigError, db_check
 from ._compat import FlaskSQLAlchemyAPI
-from ._errors import DatabaseUnavailableError, NeonConfigError, NeonStateError, classify
+from ._errors import DatabaseUnavailableError, NeonConfigError, NeonStateError
 from ._handlers import register_error_handlers
 from ._models import model_base
 from ._monitoring import Leak
 from ._probe import run_probe
 from ._profiles import PoolConfig
+from ._request import RequestSessions
 from ._settings import NeonSettings
 from ._state import EXTENSION_KEY, NeonState
+from ._timing import add_header
 from ._url import DatabaseURL
 
 log = logging.getLogger("flask_neon")
-
-_SESSION_KEY = "_flask_neon_session"
-_READ_SESSION_KEY = "_flask_neon_read_session"
 
 #: Naming conventions give constraints stable names, so Alembic can drop and alter them.
 NAMING_CONVENTION = {
@@ -41,7 +40,7 @@ NAMING_CONVENTION = {
 }
 
 
-class NeonDB(FlaskSQLAlchemyAPI):
+class NeonDB(RequestSessions, FlaskSQLAlchemyAPI):
     """Connect a Flask app to PostgreSQL (Neon first of all).
 
     Example::
@@ -144,6 +143,9 @@ class NeonDB(FlaskSQLAlchemyAPI):
                 _check_connection(state)
         app.extensions[EXTENSION_KEY] = state
         app.teardown_appcontext(self._teardown)
+        request_finished.connect(self._hand_over, app, weak=False)
+        if settings.server_timing:
+            app.after_request(add_header)
         if settings.health_enabled:
             app.register_blueprint(health.make_blueprint(settings.health_prefix.rstrip("/")))
         if settings.error_handler:
@@ -257,63 +259,6 @@ class NeonDB(FlaskSQLAlchemyAPI):
     def state(self, app: Flask | None = None) -> NeonState:
         """The per-app state (engine, settings, URL, pool); for tools and tests."""
         return self._state(app, "db.state()")
-
-    # -- the request-scoped session ------------------------------------------------------------
-
-    @property
-    def session(self) -> orm.Session:
-        """The session of the current app context, created on first use.
-
-        Each app context (each request, each CLI command) gets its own session. It connects
-        only when it first runs a query, and at teardown it is rolled back and closed: nothing
-        is committed unless you call ``db.session.commit()``.
-        """
-        return self._session(_SESSION_KEY, "db.session")
-
-    def _session(self, key: str, what: str) -> orm.Session:
-        session = g.get(key) if has_app_context() else None
-        if session is None:
-            state = self._state(what=what)
-            maker = state.sessionmaker if key == _SESSION_KEY else state.read_sessionmaker
-            session = maker()
-            setattr(g, key, session)
-        return t.cast(orm.Session, session)
-
-    @property
-    def read_session(self) -> orm.Session:
-        """A session for read-only work, on the replica when ``DB_READ_URL`` is set.
-
-        Its transactions are read-only (a write fails with the ``read_only`` cause), also when
-        it falls back to the primary. The replica lags behind the primary: reads that must see
-        this request's own writes belong on :attr:`session`. Closed at teardown like it.
-        """
-        return self._session(_READ_SESSION_KEY, "db.read_session")
-
-    def _teardown(self, exc: BaseException | None) -> None:
-        """Return this app context's connections to the pool.
-
-        Anything not committed is rolled back. A broken connection is logged and discarded;
-        teardown never raises into Flask.
-        """
-        for key in (_SESSION_KEY, _READ_SESSION_KEY):
-            session: orm.Session | None = g.pop(key, None)
-            if session is not None:
-                self._close(session)
-
-    def _close(self, session: orm.Session) -> None:
-        try:
-            session.close()
-        except Exception as error:
-            cause = classify(error, self._state(what="teardown").secrets())
-            log.warning(
-                "flask-neon: closing the session failed (%s: %s); connection discarded",
-                cause.title,
-                cause.detail,
-            )
-            try:
-                session.invalidate()
-            except Exception:
-                log.debug("flask-neon: invalidate after a failed close also failed", exc_info=True)
 
     def __repr__(self) -> str:
         state = current_app.extensions.get(EXTENSION_KEY) if has_app_context() else None

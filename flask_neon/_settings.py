@@ -214,6 +214,12 @@ class NeonSettings(BaseSettings):
         description="Send BEGIN in the same round trip as a transaction's first statement "
         "(psycopg2 waits for it separately): one round trip less per transaction.",
     )
+    server_timing: bool = Field(
+        default=False,
+        description="Add a Server-Timing header to each response that used the database: its "
+        "time, statements and round trips, shown by browsers' developer tools. Off in every "
+        "profile unless set.",
+    )
     ping_after_idle: float = Field(
         default=60.0,
         ge=0,

@@ -65,6 +65,11 @@ class FaultProxy:
         self.accepted = 0
         #: The text of every simple-protocol query the clients sent, in order.
         self.queries: list[str] = []
+        #: A query starting with this text is held back until ``release`` is set; ``held``
+        #: is set when one arrives (to see what happens before it reaches the server).
+        self.hold: str | None = None
+        self.held = threading.Event()
+        self.release = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = self._listener.getsockname()[1]
         self._pairs: list[tuple[socket.socket, socket.socket]] = []
@@ -140,7 +145,13 @@ class FaultProxy:
                     if not data:
                         return
                     if sock is client:
+                        seen = len(self.queries)
                         parser.feed(data)
+                        if self.hold and any(
+                            query.startswith(self.hold) for query in self.queries[seen:]
+                        ):
+                            self.held.set()
+                            self.release.wait()
                     (server if sock is client else client).sendall(data)
         except (OSError, ValueError):
             return

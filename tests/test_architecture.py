@@ -12,14 +12,14 @@ PACKAGE = pathlib.Path(flask_neon.__file__).resolve().parent
 
 #: Bottom to top. A module imports only from layers below its own.
 LAYERS: list[set[str]] = [
-    {"_errors", "_retry", "driver", "_pagination", "_session"},
+    {"_errors", "_retry", "driver", "_pagination", "_session", "_timing"},
     {"_models"},
     {"_settings", "_url", "_probe", "_monitoring"},
     {"_settings_loader", "_metrics"},
     {"_profiles"},
     {"_engine"},
     {"_state"},
-    {"_assembly", "_handlers", "_reports", "_compat"},
+    {"_assembly", "_handlers", "_reports", "_compat", "_request"},
     {"_health", "_cli"},
     {"_extension"},
     {"__init__"},

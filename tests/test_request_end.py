@@ -1,0 +1,246 @@
+"""A request's transactions end after its response has been sent, never before the client has
+its data, and the connection goes back to the pool only once they have ended (issue 15).
+
+Observed through a proxy that holds the ``ROLLBACK`` back: the client has the whole response
+while the transaction is still open, the pool still counts the connection as checked out, and
+once the ``ROLLBACK`` reaches the server all is as before: nothing uncommitted is kept.
+"""
+
+from __future__ import annotations
+
+import threading
+import typing as t
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from flask import Flask, abort, stream_with_context
+
+from flask_neon import NeonDB
+
+from .conftest import admin_execute, wait_until
+from .http_server import LiveServer
+from .proxy import FaultProxy
+
+TABLE = "request_end_rows"
+
+
+@pytest.fixture
+def table(database_url: str) -> Iterator[str]:
+    admin_execute(database_url, f"CREATE TABLE IF NOT EXISTS {TABLE} (tag text)")
+    yield TABLE
+    admin_execute(database_url, f"DROP TABLE IF EXISTS {TABLE}")
+
+
+def rows(database_url: str, tag: str) -> int:
+    return int(
+        admin_execute(database_url, f"SELECT count(*) FROM {TABLE} WHERE tag = %s", [tag])[0][0]
+    )
+
+
+def make_app(url: str, **settings: t.Any) -> tuple[Flask, NeonDB]:
+    app = Flask(f"end_{uuid.uuid4().hex[:6]}")
+    app.config.update(DB_URL=url, DB_SESSION_LIMITS="off", **settings)
+    db = NeonDB(app, env_file=None)
+    insert = sa.text(f"INSERT INTO {TABLE} VALUES (:tag)")
+
+    @app.get("/pid")
+    def pid() -> dict[str, t.Any]:
+        return {"pid": db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar()}
+
+    @app.get("/write/<tag>/<how>")
+    def write(tag: str, how: str) -> dict[str, t.Any]:
+        db.session.execute(insert, {"tag": tag})
+        if how == "commit":
+            db.session.commit()
+        if how == "fail":
+            abort(409)
+        if how == "raise":
+            raise RuntimeError("the view failed")
+        pid = db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        return {"pid": pid}
+
+    @app.get("/big")
+    def big() -> dict[str, t.Any]:
+        pid = db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        return {"pid": pid, "padding": "x" * 100_000}
+
+    @app.get("/stream/<tag>")
+    def stream(tag: str) -> t.Any:
+        def rows() -> Iterator[str]:
+            db.session.execute(insert, {"tag": tag})
+            for number in range(3):
+                yield f"{db.session.execute(sa.text('SELECT :n'), {'n': number}).scalar()}\n"
+
+        return app.response_class(stream_with_context(rows()))
+
+    return app, db
+
+
+def backend_state(database_url: str, pid: int) -> str:
+    found = admin_execute(database_url, "SELECT state FROM pg_stat_activity WHERE pid = %s", [pid])
+    return str(found[0][0]) if found else "gone"
+
+
+def checked_out(app: Flask, db: NeonDB) -> int:
+    with app.app_context():
+        return int(db.pool_stats()["checked_out"])
+
+
+@pytest.mark.parametrize("how", ["read", "uncommitted", "fail", "raise"])
+def test_the_response_arrives_before_the_transaction_ends(
+    database_url: str, proxy: FaultProxy, table: str, how: str
+) -> None:
+    app, db = make_app(proxy.url(database_url))
+    tag = f"{how}-{uuid.uuid4().hex[:6]}"
+    path = "/pid" if how == "read" else f"/write/{tag}/{how}"
+    # The first connection's dialect setup runs a ROLLBACK of its own: done before the hold.
+    assert app.test_client().get("/pid").status_code == 200
+    proxy.hold = "ROLLBACK"
+    try:
+        with LiveServer(app) as server:
+            try:
+                reply = server.get(path)  # the whole response; the ROLLBACK comes after it
+                wait_until(proxy.held.is_set, message="the ROLLBACK sent")
+                expected = {"read": 200, "uncommitted": 200, "fail": 409, "raise": 500}[how]
+                assert reply.status == expected
+                assert checked_out(app, db) == 1  # not back in the pool before it has ended
+                if reply.status == 200:
+                    state = backend_state(database_url, reply.json()["pid"])
+                    assert state == "idle in transaction"
+            finally:
+                proxy.release.set()
+            wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
+        assert rows(database_url, tag) == 0  # nothing uncommitted is kept
+        assert server.errors == [] or how == "raise"
+    finally:
+        proxy.release.set()
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_a_large_response_ends_the_transaction_before_it_is_sent(
+    database_url: str, proxy: FaultProxy
+) -> None:
+    # A slow client must not hold a pooled connection open while it reads a large body.
+    app, db = make_app(proxy.url(database_url))
+    assert app.test_client().get("/pid").status_code == 200
+    proxy.hold = "ROLLBACK"
+    replies: list[t.Any] = []
+    try:
+        with LiveServer(app) as server:
+            client = threading.Thread(target=lambda: replies.append(server.get("/big")))
+            client.start()
+            try:
+                wait_until(proxy.held.is_set, message="the ROLLBACK sent")
+                assert replies == []  # the response waits for the ROLLBACK
+            finally:
+                proxy.release.set()
+            client.join(30)
+        assert replies[0].status == 200
+        assert checked_out(app, db) == 0
+    finally:
+        proxy.release.set()
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_a_commit_is_confirmed_before_the_response(
+    database_url: str, proxy: FaultProxy, table: str
+) -> None:
+    app, db = make_app(proxy.url(database_url))
+    tag = f"commit-{uuid.uuid4().hex[:6]}"
+    # The first connection's dialect setup runs a ROLLBACK of its own: done before the hold.
+    assert app.test_client().get("/pid").status_code == 200
+    proxy.hold = "ROLLBACK"
+    try:
+        with LiveServer(app) as server:
+            try:
+                assert server.get(f"/write/{tag}/commit").status == 200
+                assert rows(database_url, tag) == 1  # committed before the response
+                wait_until(proxy.held.is_set, message="the ROLLBACK sent")
+            finally:
+                proxy.release.set()
+            wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
+        assert rows(database_url, tag) == 1
+    finally:
+        proxy.release.set()
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_a_streamed_response_keeps_its_session_until_the_end(
+    database_url: str, table: str
+) -> None:
+    app, db = make_app(database_url)
+    tag = f"stream-{uuid.uuid4().hex[:6]}"
+    try:
+        with LiveServer(app) as server:
+            reply = server.get(f"/stream/{tag}")
+            assert (reply.status, reply.text) == (200, "0\n1\n2\n")
+            wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
+        assert rows(database_url, tag) == 0
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_the_test_client_ends_the_session_before_it_returns(database_url: str, table: str) -> None:
+    # Flask's test client never calls the response's close: the session ends at teardown.
+    app, db = make_app(database_url)
+    try:
+        for _ in range(20):  # more than the pool holds: none may stay checked out
+            assert app.test_client().get("/pid").status_code == 200
+            assert checked_out(app, db) == 0
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_a_teardown_hook_that_commits_still_commits(database_url: str, table: str) -> None:
+    # An old Flask-SQLAlchemy habit: commit in teardown_request when the view did not fail.
+    app, db = make_app(database_url)
+    tag = f"teardown-{uuid.uuid4().hex[:6]}"
+
+    @app.teardown_request
+    def commit(exc: BaseException | None) -> None:
+        if exc is None:
+            db.session.commit()
+
+    try:
+        with LiveServer(app) as server:
+            assert server.get(f"/write/{tag}/uncommitted").status == 200
+            wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
+        assert rows(database_url, tag) == 1
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("settings", "path", "expected"),
+    [
+        ({}, "/pid", None),  # off unless asked
+        ({"DB_SERVER_TIMING": True}, "/pid", "1 statement, 1 round trip"),
+        ({"DB_SERVER_TIMING": True}, "/write/t/commit", "2 statements, 3 round trips"),
+        ({"DB_SERVER_TIMING": True, "DB_FAST_BEGIN": False}, "/pid", "1 statement, 2 round trips"),
+    ],
+)
+def test_server_timing_header(
+    database_url: str, table: str, settings: dict[str, t.Any], path: str, expected: str | None
+) -> None:
+    app, db = make_app(database_url, **settings)
+    try:
+        header = app.test_client().get(path).headers.get("Server-Timing")
+        if expected is None:
+            assert header is None
+        else:
+            assert header is not None
+            name, duration, description = header.split(";")
+            assert name == "db"
+            assert float(duration.removeprefix("dur=")) > 0
+            assert description == f'desc="{expected}"'
+    finally:
+        with app.app_context():
+            db.engine.dispose()
