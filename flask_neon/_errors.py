@@ -269,14 +269,9 @@ def classify(exc: BaseException, secrets: t.Iterable[str] = ()) -> ErrorCause:
     rule = next((r for r in _RULES if sqlstate and sqlstate in r.sqlstates), None) or next(
         (r for r in _RULES if any(re.search(p, lowered) for p in r.patterns)), _UNKNOWN
     )
-    return ErrorCause(
-        name=rule.name,
-        title=rule.title,
-        hint=rule.hint,
-        detail=mask_secrets(" ".join(text.split()), secrets),
-        transient=rule.transient,
-        sqlstate=sqlstate if isinstance(sqlstate, str) else None,
-    )
+    detail = mask_secrets(" ".join(text.split()), secrets)
+    sqlstate = sqlstate if isinstance(sqlstate, str) else None
+    return ErrorCause(rule.name, rule.title, rule.hint, detail, rule.transient, sqlstate)
 
 
 def mask_secrets(text: str, secrets: t.Iterable[str]) -> str:

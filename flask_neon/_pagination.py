@@ -37,15 +37,9 @@ def page_arguments(
     per_page = from_request("per_page", DEFAULT_PER_PAGE) if per_page is None else per_page
     if max_per_page is not None:
         per_page = min(per_page, max_per_page)
-    if page < 1:
-        if error_out:
-            abort(404)
-        page = 1
-    if per_page < 1:
-        if error_out:
-            abort(404)
-        per_page = DEFAULT_PER_PAGE
-    return page, per_page
+    if error_out and (page < 1 or per_page < 1):
+        abort(404)
+    return max(page, 1), per_page if per_page >= 1 else DEFAULT_PER_PAGE
 
 
 class Pagination:
@@ -135,21 +129,14 @@ class Pagination:
 
         With 20 pages on page 7: ``1, 2, None, 5, 6, 7, 8, 9, 10, 11, None, 19, 20``.
         """
-        shown = sorted(
-            {n for n in range(1, self.pages + 1) if n <= left_edge or n > self.pages - right_edge}
-            | set(
-                range(
-                    max(1, self.page - left_current),
-                    min(self.pages, self.page + right_current) + 1,
-                )
-            )
-        )
         previous = 0
-        for number in shown:
-            if number != previous + 1:
-                yield None
-            yield number
-            previous = number
+        for number in range(1, self.pages + 1):
+            edge = number <= left_edge or number > self.pages - right_edge
+            if edge or self.page - left_current <= number <= self.page + right_current:
+                if number != previous + 1:
+                    yield None
+                yield number
+                previous = number
 
     def __iter__(self) -> Iterator[t.Any]:
         return iter(self.items)

@@ -111,12 +111,11 @@ class HealthChecker:
         """The result of :meth:`start`, waiting at most until ``deadline`` (monotonic)."""
         if isinstance(pending, ProbeResult):
             return pending, True
-        started = time.monotonic()
+        started = time.perf_counter()
         try:
-            result = pending.result(timeout=max(0.0, deadline - started))
+            result = pending.result(timeout=max(0.0, deadline - time.monotonic()))
         except concurrent.futures.TimeoutError:
-            waited = round((time.monotonic() - started) * 1000, 2)
-            result = ProbeResult(False, waited, time.time(), cause=_TIMEOUT_CAUSE)
+            result = ProbeResult(False, _ms(started), time.time(), cause=_TIMEOUT_CAUSE)
         with self._lock:
             self._last, self._last_at = result, time.monotonic()
         return result, False

@@ -92,10 +92,6 @@ class DatabaseURL:
         first, _, rest = self.host.partition(".")  # sliced: '-pooler' may be in capitals
         return dataclasses.replace(self, host=f"{first[: -len('-pooler')]}.{rest}")
 
-    def with_query(self, **params: str) -> DatabaseURL:
-        """A copy with query parameters added or replaced."""
-        return dataclasses.replace(self, query=tuple({**self.query_dict, **params}.items()))
-
     def to_sqlalchemy(self) -> URL:
         """The URL SQLAlchemy connects with, always on the psycopg2 driver."""
         parts = (self.username, self.password, self.host, self.port, self.database)
@@ -116,10 +112,7 @@ class DatabaseURL:
         found = [self.password] + [value for key, value in self.query if key in SECRET_PARAMS]
         return [secret for secret in found if secret]
 
-    def __str__(self) -> str:
-        return self.masked()
-
-    __repr__ = __str__
+    __str__ = __repr__ = masked
 
 
 def parse_url(raw: str, setting: str = "DB_URL") -> DatabaseURL:
@@ -187,7 +180,7 @@ def apply_tls_policy(url: DatabaseURL, *, require_tls: bool) -> DatabaseURL:
     plaintext is refused: ``prefer``, libpq's default, falls back to it silently.
     """
     if url.is_neon and url.sslmode is None:
-        url = url.with_query(sslmode="require")
+        url = dataclasses.replace(url, query=(*url.query, ("sslmode", "require")))
     if require_tls and not url.is_local and url.sslmode in (None, "disable", "allow", "prefer"):
         shown = "unset (libpq then uses prefer)" if url.sslmode is None else f"'{url.sslmode}'"
         raise NeonConfigError(
