@@ -36,15 +36,15 @@ HANDOFF_MAX_BYTES = 64 * 1024
 class _Handoff:
     """The sessions one response ends once it has been sent."""
 
-    def __init__(self, secrets: list[str]) -> None:
-        self.secrets = secrets
+    def __init__(self, state: NeonState) -> None:
+        self.state = state
         self.sessions: list[orm.Session] = []
         self.done = False
 
     def close(self) -> None:
         self.done = True
         sessions, self.sessions = self.sessions, []
-        close_sessions(sessions, self.secrets)
+        close_sessions(sessions, self.state)
 
 
 class RequestSessions:
@@ -103,7 +103,7 @@ class RequestSessions:
             or size > HANDOFF_MAX_BYTES
         ):
             return
-        handoff = _Handoff(self._state(what="teardown").secrets())
+        handoff = _Handoff(self._state(what="teardown"))
         response.call_on_close(handoff.close)
         setattr(g, _HANDOFF, handoff)
 
@@ -121,16 +121,17 @@ class RequestSessions:
             handoff.sessions = [s for s in now if not isinstance(s.bind, sa.Connection)]
             now = [s for s in now if isinstance(s.bind, sa.Connection)]
         if now:
-            close_sessions(now, self._state(what="teardown").secrets())
+            close_sessions(now, self._state(what="teardown"))
 
 
-def close_sessions(sessions: t.Iterable[orm.Session], secrets: list[str]) -> None:
-    """Close each session; one that fails is logged (secrets masked) and invalidated."""
+def close_sessions(sessions: t.Iterable[orm.Session], state: NeonState) -> None:
+    """Close each session; one that fails is logged (the app's secrets masked) and
+    invalidated."""
     for session in sessions:
         try:
             session.close()
         except Exception as error:
-            cause = classify(error, secrets)
+            cause = classify(error, state.secrets())
             log.warning(
                 "flask-neon: closing the session failed (%s: %s); connection discarded",
                 cause.title,
