@@ -1,4 +1,5 @@
-"""The ``NeonDB`` extension: per-app state, the request-scoped session and its teardown."""
+"""The ``NeonDB`` extension: builds an app's state once, wires its hooks, routes and commands, and
+hands out its per-app objects (engines, settings, pool statistics)."""
 
 from __future__ import annotations
 
