@@ -12,6 +12,7 @@ PostgreSQL for development in :mod:`flask_neon.local`; fast BEGIN for an engine 
 :mod:`flask_neon.driver`.
 """
 
+from ._context import DatabaseContext
 from ._errors import (
     DatabaseUnavailableError,
     ErrorCause,
@@ -25,6 +26,7 @@ from ._settings import NeonSettings
 __version__ = "0.1.0"
 
 __all__ = [
+    "DatabaseContext",
     "DatabaseUnavailableError",
     "ErrorCause",
     "NeonConfigError",

@@ -16,6 +16,7 @@ from pydantic import SecretStr
 from sqlalchemy import orm
 
 from . import _timing, driver
+from ._context import context_sql
 from ._engine import make_engine
 from ._errors import NeonConfigError
 from ._monitoring import PoolMonitor, install_slow_query_log
@@ -93,6 +94,8 @@ def build_state(
             if options is None
             else {**engine_options, **options},
             options_setting="DB_ENGINE_OPTIONS" if options is None else url.setting,
+            # Each transaction's settings and role (@db.request_context, db.context()).
+            context=lambda connection: context_sql(db._current_context(), connection),
         )
         monitor = PoolMonitor(config.max_overflow, leak_threshold)
         monitor.install(engine)

@@ -72,11 +72,13 @@ def make_engine(
     application_name: str = "flask-neon",
     engine_options: t.Mapping[str, t.Any] | None = None,
     options_setting: str = "DB_ENGINE_OPTIONS",
+    context: t.Callable[[t.Any], str] | None = None,
 ) -> sa.Engine:
     """Create one engine of an app. Call once per app and process; never per request.
 
     ``engine_options`` (default: ``DB_ENGINE_OPTIONS``) go to ``create_engine`` over the
-    profile's; errors about them name ``options_setting``.
+    profile's; errors about them name ``options_setting``. ``context`` gives each transaction's
+    per-request SQL (``flask_neon.driver.FastBegin``).
     """
     mode = limits_mode(settings, pooled)
     limits = limit_parameters(settings)
@@ -126,9 +128,9 @@ def make_engine(
     )
     if settings.fast_begin and driver.AVAILABLE:
         # They travel with BEGIN and the first statement (flask_neon.driver): no round trip.
-        driver.install(engine, per_transaction)
-    elif per_transaction:
-        _install_per_transaction_limits(engine, per_transaction)
+        driver.install(engine, per_transaction, context)
+    elif per_transaction or context:
+        _install_per_transaction_statements(engine, driver.FastBegin(per_transaction, context))
     _install_liveness_check(engine, settings.ping_after_idle)
     _install_connect_retry(engine, settings, url.secrets())
     _engines.add(engine)
@@ -153,12 +155,15 @@ def _connect_args(
     return {key: value for key, value in defaults.items() if key not in query}
 
 
-def _install_per_transaction_limits(engine: sa.Engine, statements: str) -> None:
+def _install_per_transaction_statements(engine: sa.Engine, fast: driver.FastBegin) -> None:
     @event.listens_for(engine, "begin")
-    def _set_local_limits(connection: sa.Connection) -> None:
-        # The statement that opened the transaction may ask for a server-side cursor; the
-        # limits must not inherit that (a SET cannot be DECLAREd).
-        connection.exec_driver_sql(statements, execution_options={"stream_results": False})
+    def _set_local(connection: sa.Connection) -> None:
+        statements = fast.statements(connection.connection.dbapi_connection)
+        if statements:
+            # The statement that opened the transaction may ask for a server-side cursor;
+            # these must not inherit that (a SET cannot be DECLAREd).
+            options = {"stream_results": False}
+            connection.exec_driver_sql(statements, execution_options=options)
 
 
 def _install_liveness_check(engine: sa.Engine, ping_after_idle: float) -> None:

@@ -17,6 +17,7 @@ from . import _health as health
 from ._assembly import build_state
 from ._cli import CLIConfigError, db_check
 from ._compat import FlaskSQLAlchemyAPI
+from ._context import ContextAPI
 from ._errors import DatabaseUnavailableError, NeonConfigError, NeonStateError
 from ._handlers import register_error_handlers
 from ._models import model_base
@@ -41,7 +42,7 @@ NAMING_CONVENTION = {
 }
 
 
-class NeonDB(RequestSessions, FlaskSQLAlchemyAPI):
+class NeonDB(RequestSessions, ContextAPI, FlaskSQLAlchemyAPI):
     """Connect a Flask app to PostgreSQL (Neon first of all).
 
     Example::

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from flask import Flask, current_app
 from sqlalchemy import orm
 
+from ._context import DatabaseContext
 from ._engine import limit_parameters, limits_mode
 from ._errors import NeonStateError
 from ._monitoring import PoolMonitor
@@ -48,6 +49,8 @@ class Extension(t.Protocol):
     """What the state needs of the extension object that built it (a ``NeonDB``)."""
 
     metadata: sa.MetaData
+
+    def _current_context(self) -> DatabaseContext | None: ...
 
 
 @dataclasses.dataclass

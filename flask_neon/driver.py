@@ -140,16 +140,27 @@ class FastBegin:
     Attributes:
         begin_statements: SQL run right after ``BEGIN`` in every transaction SQLAlchemy opens,
             e.g. the ``SET LOCAL`` session limits through a pooler. Empty by default.
+        context: Called with the DBAPI connection as each transaction begins: more SQL for
+            that transaction (flask-neon's per-request settings and role), or "". It may
+            raise: then nothing is sent.
     """
 
-    def __init__(self, begin_statements: str = "") -> None:
+    def __init__(
+        self, begin_statements: str = "", context: t.Callable[[t.Any], str] | None = None
+    ) -> None:
         self.begin_statements = begin_statements
+        self.context = context
+
+    def statements(self, connection: t.Any) -> str:
+        """What follows ``BEGIN`` in the transaction beginning now on ``connection``."""
+        return self.begin_statements + (self.context(connection) if self.context else "")
 
     def begin(self, connection: t.Any) -> None:
-        """psycopg2's way: let it send ``BEGIN``, then run :attr:`begin_statements`."""
-        if self.begin_statements:
+        """psycopg2's way: let it send ``BEGIN``, then run :meth:`statements`."""
+        statements = self.statements(connection)
+        if statements:
             with ext.cursor(connection) as cursor:
-                cursor.execute(self.begin_statements)
+                cursor.execute(statements)
 
     def execute(self, cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any) -> bool:
         """``do_execute``: True when the statement was run here, with its ``BEGIN``."""
@@ -159,7 +170,7 @@ class FastBegin:
         if not _one_plain_statement(cursor, statement):
             self.begin(connection)
             return False
-        prefix = f"{_begin_sql(connection)}; {self.begin_statements}"
+        prefix = f"{_begin_sql(connection)}; {self.statements(connection)}"
         if parameters is not None:
             prefix = prefix.replace("%", "%%")
         _set_status(connection, ext.STATUS_BEGIN)
@@ -216,13 +227,18 @@ class FastBegin:
         return False
 
 
-def install(engine: sa.Engine | type[sa.Engine], begin_statements: str = "") -> FastBegin:
+def install(
+    engine: sa.Engine | type[sa.Engine],
+    begin_statements: str = "",
+    context: t.Callable[[t.Any], str] | None = None,
+) -> FastBegin:
     """Open ``engine``'s transactions with their first statement; return the events' owner.
 
     ``engine`` may be the :class:`~sqlalchemy.engine.Engine` class itself: every engine then.
-    Does nothing (and returns an inert owner) when :data:`AVAILABLE` is false.
+    Does nothing (and returns an inert owner) when :data:`AVAILABLE` is false. ``context``:
+    see :class:`FastBegin`.
     """
-    fast = FastBegin(begin_statements)
+    fast = FastBegin(begin_statements, context)
     if AVAILABLE:
         event.listen(engine, "do_execute", fast.execute)
         event.listen(engine, "do_execute_no_params", fast.execute_no_params)

@@ -153,11 +153,12 @@ class LiveServer:
         path: str,
         json_body: t.Any = None,
         timeout: float = CLIENT_TIMEOUT,
+        headers: dict[str, str] | None = None,
     ) -> Reply:
         """Send one request on a new connection and read the whole answer."""
         connection = http.client.HTTPConnection(HOST, self.port, timeout=timeout)
         try:
-            headers = {}
+            headers = dict(headers or {})
             data = None
             if json_body is not None:
                 data = json.dumps(json_body).encode()

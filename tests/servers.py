@@ -144,7 +144,8 @@ class PgBouncer(_Server):
     def _write_config(self) -> None:
         assert self.directory is not None
         userlist = self.directory / "userlist.txt"
-        userlist.write_text('"postgres" ""\n')
+        # The login role of the row-level security tests (tests/test_rls.py) too.
+        userlist.write_text('"postgres" ""\n"flask_neon_rls" ""\n')
         ini = self.directory / "pgbouncer.ini"
         ini.write_text(
             "[databases]\n"

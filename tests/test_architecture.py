@@ -13,7 +13,7 @@ PACKAGE = pathlib.Path(flask_neon.__file__).resolve().parent
 #: Bottom to top. A module imports only from layers below its own.
 LAYERS: list[set[str]] = [
     {"_errors", "_retry", "driver", "_pagination", "_session", "_timing"},
-    {"_models"},
+    {"_models", "_context"},
     {"_settings", "_url", "_probe", "_monitoring"},
     {"_settings_loader", "_metrics"},
     {"_profiles"},
@@ -82,6 +82,7 @@ def test_modules_are_small() -> None:
 
 def test_the_public_face_is_what_users_type() -> None:
     assert sorted(flask_neon.__all__) == [
+        "DatabaseContext",
         "DatabaseUnavailableError",
         "ErrorCause",
         "NeonConfigError",

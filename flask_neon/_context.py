@@ -1,0 +1,168 @@
+"""Per-request database context for row-level security: transaction-local settings and role.
+
+Multi-tenant apps put the tenant or user in a setting that row-level security policies read
+(``current_setting('app.tenant_id', true)``; Neon's ``auth.user_id()`` reads
+``request.jwt.claims``). A plain ``SET`` would outlive the request on a pooled connection and,
+through a transaction-mode pooler, reach another client. flask-neon applies the settings with
+``set_config(name, value, true)`` and the role with ``SET LOCAL ROLE``: they end with their
+transaction. They travel in the message that carries ``BEGIN`` and the transaction's first
+statement, so they cost no round trip, and they are applied to every transaction of the
+request, also the ones after a ``commit()``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import json
+import re
+import typing as t
+from collections.abc import Callable, Iterator, Mapping
+
+from flask import g, has_request_context, request
+
+from ._errors import NeonConfigError, NeonStateError
+
+#: A custom setting: two or more identifiers joined by dots, as PostgreSQL requires.
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+")
+_CACHE = "_flask_neon_db_context"
+_explicit: contextvars.ContextVar[DatabaseContext | None] = contextvars.ContextVar(
+    "flask_neon_db_context", default=None
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatabaseContext:
+    """What one request's (or job's) transactions run with.
+
+    Attributes:
+        settings: Custom settings (``{"app.tenant_id": 42}``); values are strings, numbers,
+            booleans, or dicts (sent as JSON, e.g. ``request.jwt.claims``). A setting left out
+            reads as NULL with ``current_setting(name, true)``.
+        role: A role to ``SET LOCAL ROLE`` to, e.g. ``"authenticated"``; None: the login role.
+    """
+
+    settings: Mapping[str, t.Any] = dataclasses.field(default_factory=dict)
+    role: str | None = None
+
+    def __post_init__(self) -> None:
+        for name, value in self.settings.items():
+            check_setting(name, value)
+        if self.role is not None and (not isinstance(self.role, str) or not self.role):
+            raise NeonConfigError(
+                f"the database context's role must be a role name, not {self.role!r}"
+            )
+
+
+def check_setting(name: t.Any, value: t.Any) -> str:
+    """The text ``set_config`` gets for ``value``; a config error naming a bad name or value."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise NeonConfigError(
+            f"database context setting {name!r}: a custom setting needs a prefix and a name "
+            "made of letters, digits and _ joined by dots, e.g. 'app.tenant_id'."
+        )
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (str, int, float)):
+        return str(value)
+    if isinstance(value, dict):
+        try:
+            return json.dumps(value, separators=(",", ":"))
+        except (TypeError, ValueError) as exc:
+            raise NeonConfigError(f"database context setting {name!r}: {exc}") from None
+    raise NeonConfigError(
+        f"database context setting {name!r}: {type(value).__name__} values are not allowed; "
+        "use a string, a number, a boolean or a dict (sent as JSON), or leave the setting out."
+    )
+
+
+ContextFunction = Callable[[], "DatabaseContext | Mapping[str, t.Any] | None"]
+
+
+class ContextAPI:
+    """Mixed into ``NeonDB``: ``@db.request_context`` and ``with db.context(...)``."""
+
+    _context_function: ContextFunction | None = None
+    _context_required: bool = True
+
+    def request_context(
+        self, function: ContextFunction | None = None, *, required: bool = True
+    ) -> t.Any:
+        """Register the function that gives each request's database context.
+
+        It runs once per request, at its first transaction, in the request context, and
+        returns a :class:`DatabaseContext` or a mapping of settings. Raise (``abort(401)``)
+        for a request that must not reach the database. With ``required`` (the default), a
+        request for which it returns None fails before any statement is sent, with a
+        :class:`~flask_neon.NeonStateError` (a 500); return ``DatabaseContext()`` to run with
+        no settings. Used as ``@db.request_context`` or ``@db.request_context(required=False)``.
+        """
+
+        def register(function: ContextFunction) -> ContextFunction:
+            self._context_function = function
+            self._context_required = required
+            return function
+
+        return register(function) if function is not None else register
+
+    @contextlib.contextmanager
+    def context(
+        self, settings: Mapping[str, t.Any] | None = None, *, role: str | None = None
+    ) -> Iterator[DatabaseContext]:
+        """Run the transactions begun inside the block with these settings and role: for CLI
+        commands and jobs, or to override a request's context."""
+        token = _explicit.set(DatabaseContext(dict(settings or {}), role))
+        try:
+            yield t.cast(DatabaseContext, _explicit.get())
+        finally:
+            _explicit.reset(token)
+
+    def _current_context(self) -> DatabaseContext | None:
+        """The context of the transaction beginning now (None: none)."""
+        explicit = _explicit.get()
+        if explicit is not None or not has_request_context() or self._context_function is None:
+            return explicit
+        cached: DatabaseContext | None = g.get(_CACHE)
+        if cached is None:
+            found = self._context_function()
+            if found is None:
+                if self._context_required:
+                    raise NeonStateError(
+                        f"the request_context function returned nothing for {request.method} "
+                        f"{request.path}: no statement was sent. Return DatabaseContext() to "
+                        "run without settings, or raise (abort(401)) to refuse the request."
+                    )
+                found = DatabaseContext()
+            cached = found if isinstance(found, DatabaseContext) else DatabaseContext(found)
+            setattr(g, _CACHE, cached)
+        return cached
+
+
+def context_sql(context: DatabaseContext | None, connection: t.Any) -> str:
+    """The statements that apply ``context`` to a transaction, values quoted by psycopg2."""
+    if context is None or (not context.settings and context.role is None):
+        return ""
+    import psycopg2.extensions as ext  # type: ignore[import-untyped]
+
+    cursor = connection.cursor()
+    try:
+        parts = []
+        if context.settings:
+            # Placeholders only: the names and values travel as psycopg2's quoted literals.
+            query = "SELECT " + ", ".join(["set_config(%s, %s, true)"] * len(context.settings))
+            values: list[str] = []
+            for name, value in context.settings.items():
+                values += [name, check_setting(name, value)]
+            parts.append(cursor.mogrify(query, values).decode(_encoding(connection)))
+        if context.role is not None:
+            parts.append(f"SET LOCAL ROLE {ext.quote_ident(context.role, cursor)}")
+        return "".join(f"{part}; " for part in parts)
+    finally:
+        cursor.close()
+
+
+def _encoding(connection: t.Any) -> str:
+    import psycopg2.extensions as ext
+
+    return str(ext.encodings.get(connection.encoding, "utf-8"))
