@@ -24,6 +24,7 @@ from . import models  # noqa: F401 - registers the models on db.metadata for mig
 from .devdb import database_url_configured, use_local_database
 from .errors import register_error_handlers
 from .extensions import db, migrate
+from .private import bp as private_notes_blueprint
 from .views import bp as notes_blueprint
 
 #: Absolute, so ``flask db ...`` finds the migrations whatever the working directory.
@@ -49,5 +50,6 @@ def create_app(config: Mapping[str, t.Any] | None = None) -> Flask:
     db.init_app(app)
     migrate.init_app(app, db, directory=str(MIGRATIONS_DIR))
     app.register_blueprint(notes_blueprint)
+    app.register_blueprint(private_notes_blueprint)
     register_error_handlers(app)
     return app

@@ -1,4 +1,4 @@
-"""The app's one model: a note with a title, a body and a done flag."""
+"""The app's models: a note (title, body, done flag), and a private note only its owner sees."""
 
 from __future__ import annotations
 
@@ -53,3 +53,20 @@ class Note(Model):
 
     def __repr__(self) -> str:
         return f"<Note {self.id} {self.title!r}>"
+
+
+class PrivateNote(Model):
+    """A note only its owner can see: the ``private_notes`` migration adds the policy."""
+
+    __tablename__ = "private_notes"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    #: Set by the database from the transaction's ``app.user_id`` (see example_app/private.py).
+    owner: Mapped[str] = mapped_column(
+        sa.Text, server_default=sa.text("nullif(current_setting('app.user_id', true), '')")
+    )
+    body: Mapped[str] = mapped_column(sa.Text)
+
+    def to_dict(self) -> dict[str, t.Any]:
+        """The note as the API returns it."""
+        return {"id": self.id, "owner": self.owner, "body": self.body}

@@ -159,13 +159,12 @@ def test_example_migrations_upgrade_and_downgrade(fresh_database: str) -> None:
         example_db.get_engine(app).dispose()
 
 
-def test_example_migrations_are_stock_flask_migrate_plus_one_revision() -> None:
+def test_example_migrations_are_stock_flask_migrate_plus_their_revisions() -> None:
     # env.py is Flask-Migrate's own, unchanged: NeonDB needs no adapted migration environment.
     stock_env = pathlib.Path(flask_migrate.__file__).parent / "templates" / "flask" / "env.py"
     assert (MIGRATIONS_DIR / "env.py").read_text() == stock_env.read_text()
-    scripts = [path.name for path in (MIGRATIONS_DIR / "versions").glob("*.py")]
-    assert len(scripts) == 1
-    assert scripts[0].endswith("_create_notes.py")
+    scripts = sorted(path.name for path in (MIGRATIONS_DIR / "versions").glob("*.py"))
+    assert [name.split("_", 1)[1] for name in scripts] == ["create_notes.py", "private_notes.py"]
 
 
 def test_flask_db_upgrade_cli(fresh_database: str, tmp_path: pathlib.Path) -> None:
@@ -184,7 +183,7 @@ def test_flask_db_upgrade_cli(fresh_database: str, tmp_path: pathlib.Path) -> No
     assert result.returncode == 0, result.stderr
     assert "Running upgrade  -> " in result.stderr
     assert "notes" in tables(fresh_database)
-    [script] = (MIGRATIONS_DIR / "versions").glob("*_create_notes.py")
+    [script] = (MIGRATIONS_DIR / "versions").glob("*_private_notes.py")  # the head
     assert script.name.startswith(t.cast(str, current_revision(fresh_database)))
     # A DB_URL was given, so no local server was started.
     assert "local throwaway PostgreSQL" not in result.stderr
