@@ -44,6 +44,13 @@ PEERS = (
     ),
     Variant("Flask-SQLAlchemy pre_ping", "benchmarks.fsqla_app:create_app()", "", 1, {}),
     Variant("flask-neon", "example_app:create_app()", "", 1, {"DB_PROFILE": "production"}),
+    Variant(
+        "flask-neon, RLS setting",
+        "benchmarks.latency_apps:neon_rls()",
+        "",
+        1,
+        {"DB_PROFILE": "production"},
+    ),
 )
 NEON = "flask-neon"
 BARE = "bare Flask"

@@ -69,3 +69,18 @@ def raw() -> Flask:
         return {"id": note_id, **fields}, 201
 
     return app
+
+
+def neon_rls() -> Flask:
+    """The example app with a tenant setting on every request, as a row-level security app
+    has: it travels in the message that carries ``BEGIN`` (docs/row-level-security.md)."""
+    from example_app import create_app
+    from example_app.extensions import db
+
+    app = create_app()
+
+    @db.request_context
+    def tenant() -> dict[str, int]:
+        return {"app.tenant_id": 1}
+
+    return app
