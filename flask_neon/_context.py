@@ -27,6 +27,7 @@ from ._errors import NeonConfigError, NeonStateError
 #: A custom setting: two or more identifiers joined by dots, as PostgreSQL requires.
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+")
 _CACHE = "_flask_neon_db_context"
+_COMPUTING = "_flask_neon_db_context_computing"
 _explicit: contextvars.ContextVar[DatabaseContext | None] = contextvars.ContextVar(
     "flask_neon_db_context", default=None
 )
@@ -125,7 +126,21 @@ class ContextAPI:
             return explicit
         cached: DatabaseContext | None = g.get(_CACHE)
         if cached is None:
-            found = self._context_function()
+            if g.get(_COMPUTING):
+                # A query from inside the function would begin a transaction without the
+                # context, and whatever ran in that transaction afterwards would be
+                # unfiltered: refused rather than run.
+                raise NeonStateError(
+                    "the request_context function ran a query; its transaction would begin "
+                    "without the context. Read what the function needs from the request (a "
+                    "verified token, the session cookie), or query under an explicit empty "
+                    "context: with db.context(), db.engine.connect() as connection: ..."
+                )
+            setattr(g, _COMPUTING, True)
+            try:
+                found = self._context_function()
+            finally:
+                setattr(g, _COMPUTING, False)
             if found is None:
                 if self._context_required:
                     raise NeonStateError(

@@ -151,13 +151,14 @@ class FastBegin:
         self.begin_statements = begin_statements
         self.context = context
 
-    def statements(self, connection: t.Any) -> str:
+    def statements(self, connection: t.Any, with_context: bool = True) -> str:
         """What follows ``BEGIN`` in the transaction beginning now on ``connection``."""
-        return self.begin_statements + (self.context(connection) if self.context else "")
+        per_request = self.context(connection) if self.context and with_context else ""
+        return self.begin_statements + per_request
 
-    def begin(self, connection: t.Any) -> None:
+    def begin(self, connection: t.Any, with_context: bool = True) -> None:
         """psycopg2's way: let it send ``BEGIN``, then run :meth:`statements`."""
-        statements = self.statements(connection)
+        statements = self.statements(connection, with_context)
         if statements:
             with ext.cursor(connection) as cursor:
                 cursor.execute(statements)
@@ -167,10 +168,14 @@ class FastBegin:
         connection = cursor.connection
         if not _opens_transaction(connection):
             return False
+        # SQLAlchemy checks a new connection (dialect.initialize) in no transaction of its
+        # own, from inside the pool's lock: that is nobody's request, so no context is
+        # asked for (a context function that queries would wait on that lock for ever).
+        with_context = context is None or context.root_connection.in_transaction()
         if not _one_plain_statement(cursor, statement):
-            self.begin(connection)
+            self.begin(connection, with_context)
             return False
-        prefix = f"{_begin_sql(connection)}; {self.statements(connection)}"
+        prefix = f"{_begin_sql(connection)}; {self.statements(connection, with_context)}"
         if parameters is not None:
             prefix = prefix.replace("%", "%%")
         _set_status(connection, ext.STATUS_BEGIN)
@@ -183,7 +188,7 @@ class FastBegin:
             return True
         # Replay psycopg2's way, outside the except block so that the exception psycopg2
         # raises is not chained to the first one.
-        self.begin(connection)
+        self.begin(connection, with_context)
         cursor.execute(statement, parameters)
         return True
 

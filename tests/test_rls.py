@@ -18,7 +18,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask, abort, request
 
-from flask_neon import DatabaseContext, NeonConfigError, NeonDB
+from flask_neon import DatabaseContext, NeonConfigError, NeonDB, NeonStateError
 
 from .conftest import admin_execute
 from .http_server import LiveServer
@@ -282,5 +282,35 @@ def test_two_tenants_through_pgbouncer_never_see_each_other(
             with ThreadPoolExecutor(8) as pool:
                 list(pool.map(one, range(2000)))
         assert seen == {("asked 1", 1): 2000, ("asked 2", 2): 1000}
+    finally:
+        dispose(app, db)
+
+
+def test_a_query_inside_the_context_function_is_refused(rls_database: str) -> None:
+    # It would open the request's transaction without the context: unfiltered rows after it.
+    app = Flask("rls_reentrant")
+    app.config.update(DB_URL=rls_database, TESTING=True)  # the error reaches the test
+    db = NeonDB(app, env_file=None)
+
+    @db.request_context
+    def context() -> dict[str, t.Any]:
+        with db.engine.connect() as connection:
+            return {"app.tenant_id": connection.exec_driver_sql("SELECT 1").scalar()}
+
+    @app.get("/notes")
+    def notes() -> dict[str, t.Any]:
+        return {"n": db.session.scalar(sa.text("SELECT count(*) FROM notes"))}
+
+    try:
+        with pytest.raises(NeonStateError, match="the request_context function ran a query"):
+            app.test_client().get("/notes")
+
+        # Under an explicit empty context the lookup runs, without settings.
+        @db.request_context
+        def own_connection() -> dict[str, t.Any]:
+            with db.context(), db.engine.connect() as connection:
+                return {"app.tenant_id": connection.exec_driver_sql("SELECT 1").scalar()}
+
+        assert app.test_client().get("/notes").get_json() == {"n": 2}
     finally:
         dispose(app, db)
