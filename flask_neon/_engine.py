@@ -27,7 +27,7 @@ import sqlalchemy.exc as sa_exc
 from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
 
-from . import driver
+from . import _settling, driver
 from ._errors import NeonConfigError, classify
 from ._monitoring import MeasuredQueuePool
 from ._profiles import PoolConfig
@@ -129,6 +129,7 @@ def make_engine(
     if settings.fast_begin and driver.AVAILABLE:
         # They travel with BEGIN and the first statement (flask_neon.driver): no round trip.
         driver.install(engine, per_transaction, context)
+        _settling.install(engine)  # and the ROLLBACK after a response without waiting
     elif per_transaction or context:
         _install_per_transaction_statements(engine, driver.FastBegin(per_transaction, context))
     _install_liveness_check(engine, settings.ping_after_idle)

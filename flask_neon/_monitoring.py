@@ -20,6 +20,8 @@ from flask import has_request_context, request
 from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
+from ._settling import SettlingQueuePool
+
 log = logging.getLogger("flask_neon")
 
 # Frames from these packages are plumbing (tracing tools wrap SQLAlchemy's calls); the code
@@ -46,7 +48,7 @@ class PoolObserver(t.Protocol):
     def returned(self, pool: QueuePool) -> None: ...
 
 
-class MeasuredQueuePool(QueuePool):
+class MeasuredQueuePool(SettlingQueuePool):
     """A QueuePool that reports each checkout, its wait and its timeout to its monitor, which
     :meth:`PoolMonitor.install` sets before the first checkout."""
 

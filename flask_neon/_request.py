@@ -22,6 +22,7 @@ from flask import Flask, Response, g, has_app_context, request
 from sqlalchemy import orm
 
 from ._errors import classify
+from ._settling import after_response
 from ._state import NeonState
 
 log = logging.getLogger("flask_neon")
@@ -44,7 +45,8 @@ class _Handoff:
     def close(self) -> None:
         self.done = True
         sessions, self.sessions = self.sessions, []
-        close_sessions(sessions, self.state)
+        with after_response():  # the ROLLBACK goes out without waiting for its reply
+            close_sessions(sessions, self.state)
 
 
 class RequestSessions:

@@ -32,6 +32,8 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 _base_status = ext.connection.status  # psycopg2's own attribute, past any subclass
+#: ``Connection.info`` key: a named (server-side) cursor ran in the connection's transaction.
+NAMED_CURSOR = "flask_neon.named_cursor"
 
 # How psycopg2 spells BEGIN's options (psycopg/pqpath.c, pq_begin_locked).
 _ISOLATION = {1: "READ COMMITTED", 2: "REPEATABLE READ", 3: "SERIALIZABLE", 4: "READ UNCOMMITTED"}
@@ -166,6 +168,10 @@ class FastBegin:
     def execute(self, cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any) -> bool:
         """``do_execute``: True when the statement was run here, with its ``BEGIN``."""
         connection = cursor.connection
+        if cursor.name is not None and context is not None:
+            # psycopg2's own rollback must end it: it also invalidates the cursor
+            # (flask_neon._settling).
+            context.root_connection.info[NAMED_CURSOR] = True
         if not _opens_transaction(connection):
             return False
         # SQLAlchemy checks a new connection (dialect.initialize) in no transaction of its

@@ -13,11 +13,13 @@ import typing as t
 import uuid
 from collections.abc import Iterator
 
+import psycopg2  # type: ignore[import-untyped]
 import pytest
 import sqlalchemy as sa
 from flask import Flask, abort, stream_with_context
 
 from flask_neon import NeonDB
+from flask_neon._settling import SettlingQueuePool
 
 from .conftest import admin_execute, wait_until
 from .http_server import LiveServer
@@ -241,6 +243,169 @@ def test_server_timing_header(
             assert name == "db"
             assert float(duration.removeprefix("dur=")) > 0
             assert description == f'desc="{expected}"'
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+# -- the ROLLBACK after a response goes out without waiting (flask_neon._settling) -------------
+
+
+def pid_of(reply: t.Any) -> int:
+    assert reply.status == 200
+    return int(reply.json()["pid"])
+
+
+def test_the_request_thread_does_not_wait_for_the_rollback_reply(
+    database_url: str, proxy: FaultProxy, table: str
+) -> None:
+    app, db = make_app(proxy.url(database_url))
+    tag = f"nowait-{uuid.uuid4().hex[:6]}"
+    assert app.test_client().get("/pid").status_code == 200
+    proxy.hold = "ROLLBACK"
+    try:
+        with LiveServer(app) as server:
+            try:
+                first = pid_of(server.get(f"/write/{tag}/uncommitted"))
+                wait_until(proxy.held.is_set, message="the ROLLBACK sent")
+                # psycopg2's rollback() would keep the thread until the server's reply.
+                wait_until(lambda: server.active_requests == 0, message="the thread free")
+                assert checked_out(app, db) == 1  # kept aside until the reply
+                assert backend_state(database_url, first) == "idle in transaction"
+                # Meanwhile another request gets another connection, never this one.
+                assert pid_of(server.get("/pid")) != first
+            finally:
+                proxy.release.set()
+            wait_until(lambda: checked_out(app, db) == 0, message="connections checked in")
+            assert backend_state(database_url, first) == "idle"
+        assert rows(database_url, tag) == 0
+        assert server.errors == []
+    finally:
+        proxy.release.set()
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_at_capacity_the_next_request_gets_the_connection_once_its_rollback_ended(
+    database_url: str, proxy: FaultProxy, table: str
+) -> None:
+    app, db = make_app(proxy.url(database_url), DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
+    tag = f"capacity-{uuid.uuid4().hex[:6]}"
+    assert app.test_client().get("/pid").status_code == 200
+    proxy.hold = "ROLLBACK"
+    replies: list[t.Any] = []
+    try:
+        with LiveServer(app) as server:
+            try:
+                first = pid_of(server.get(f"/write/{tag}/uncommitted"))
+                wait_until(proxy.held.is_set, message="the ROLLBACK sent")
+                client = threading.Thread(target=lambda: replies.append(server.get("/pid")))
+                client.start()
+                wait_until(lambda: server.active_requests == 2, message="the next request in")
+                assert replies == []  # no connection for it while the ROLLBACK is due
+            finally:
+                proxy.release.set()
+            client.join(30)
+            assert pid_of(replies[0]) == first  # the same connection, its transaction ended
+            wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
+        assert rows(database_url, tag) == 0
+        assert server.errors == []
+    finally:
+        proxy.release.set()
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_a_rollback_that_fails_discards_the_connection(
+    database_url: str, proxy: FaultProxy, table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    app, db = make_app(proxy.url(database_url))
+    tag = f"failed-{uuid.uuid4().hex[:6]}"
+    assert app.test_client().get("/pid").status_code == 200
+    proxy.hold = "ROLLBACK"
+    try:
+        with LiveServer(app) as server:
+            try:
+                first = pid_of(server.get(f"/write/{tag}/uncommitted"))
+                wait_until(proxy.held.is_set, message="the ROLLBACK sent")
+                admin_execute(database_url, "SELECT pg_terminate_backend(%s)", [first])
+                wait_until(lambda: backend_state(database_url, first) == "gone", message="gone")
+            finally:
+                proxy.release.set()
+            wait_until(lambda: checked_out(app, db) == 0, message="connection given up")
+            assert "the ROLLBACK after a response failed" in caplog.text
+            with app.app_context():
+                assert db.pool_stats()["invalidations"] == 1
+            proxy.hold = None
+            assert pid_of(server.get("/pid")) != first  # a new connection, no error
+        assert rows(database_url, tag) == 0
+        assert server.errors == []
+    finally:
+        proxy.release.set()
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_dispose_closes_a_connection_whose_rollback_is_in_flight(
+    database_url: str, proxy: FaultProxy, table: str
+) -> None:
+    app, db = make_app(proxy.url(database_url))
+    assert app.test_client().get("/pid").status_code == 200
+    proxy.hold = "ROLLBACK"
+    try:
+        with LiveServer(app) as server:
+            first = pid_of(server.get("/pid"))
+            wait_until(proxy.held.is_set, message="the ROLLBACK sent")
+            wait_until(lambda: server.active_requests == 0, message="the thread free")
+            with app.app_context():
+                pool = t.cast(SettlingQueuePool, db.engine.pool)
+                settling = [record.dbapi_connection for record in pool._settling]
+                assert [connection.get_backend_pid() for connection in settling] == [first]
+                db.engine.dispose()
+                assert settling[0].closed
+                assert db.pool_stats()["checked_out"] == 0
+    finally:
+        proxy.release.set()
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_a_transaction_with_a_named_cursor_ends_with_psycopg2s_rollback(
+    database_url: str, table: str
+) -> None:
+    # psycopg2's own rollback() also marks the named cursor dead: closing it later (here in
+    # the next request, on the same connection) must not send CLOSE into that transaction.
+    app, db = make_app(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
+    kept: list[t.Any] = []
+
+    @app.get("/named")
+    def named() -> dict[str, t.Any]:
+        result = db.session.execute(
+            sa.text("SELECT pg_backend_pid() FROM generate_series(1, 3)"),
+            execution_options={"stream_results": True},
+        )
+        kept.append(t.cast(sa.CursorResult[t.Any], result).cursor)
+        return {"pid": result.fetchone()[0]}  # the cursor stays open
+
+    @app.get("/close-kept")
+    def close_kept() -> dict[str, t.Any]:
+        pid = db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        closing = "closed"
+        try:
+            kept[0].close()
+        except psycopg2.Error as exc:  # psycopg2's answer: nothing is sent
+            closing = f"{type(exc).__name__}: {exc}"
+        db.session.execute(sa.text("SELECT 1"))  # the transaction is intact
+        return {"pid": pid, "closing": closing}
+
+    try:
+        with LiveServer(app) as server:
+            first = pid_of(server.get("/named"))
+            assert kept[0].name is not None
+            reply = server.get("/close-kept")
+            assert pid_of(reply) == first
+            assert reply.json()["closing"] == "ProgrammingError: named cursor isn't valid anymore"
+        assert server.errors == []
     finally:
         with app.app_context():
             db.engine.dispose()
