@@ -206,12 +206,15 @@ class SettlingQueuePool(QueuePool):
             self._do_return_conn(record)
 
     def _settle(self, record: ConnectionPoolEntry, wait: float) -> bool:
-        """True once ``record``'s ROLLBACK has ended (or failed: then it is invalidated)."""
+        """True once ``record``'s ROLLBACK has ended (or failed: then it is invalidated).
+
+        With ``wait``, always True: no reply within it is a failure.
+        """
         sent = record.info[_SENT]
         dbapi_connection = record.dbapi_connection
         reply = "" if dbapi_connection is None else _rollback_reply(dbapi_connection, wait)
-        if reply is None and time.monotonic() - sent < self._timeout:
-            return False
+        if reply is None and not wait and time.monotonic() - sent < self._timeout:
+            return False  # due, and not yet too late
         del record.info[_SENT]
         if reply != "":
             problem = reply or f"no reply within {self._timeout:g} s"
