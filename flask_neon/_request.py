@@ -3,8 +3,9 @@
 A request's sessions end after its response has been handed to the WSGI server: the
 ``ROLLBACK`` that ends a transaction with nothing to commit (a round trip, 2-40 ms to Neon)
 runs in the response's close callback, once the client has its data, instead of before the
-first byte of the response leaves. The connection goes back to the pool only after it, so no
-other request ever gets a connection with a transaction open. Only for a small body of known
+first byte of the response leaves, and without waiting for its reply (``_settling``). The
+connection goes back to the pool only once that reply has come, so no other request ever gets a
+connection with a transaction open. Only for a small body of known
 size: a large or streamed one would let a slow client hold the transaction and the pooled
 connection open, so it ends them before it is sent, as before. Outside a request (a CLI command,
 ``with app.app_context()``), and where nothing may call the response's close, the sessions end at

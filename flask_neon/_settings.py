@@ -212,7 +212,8 @@ class NeonSettings(BaseSettings):
     fast_begin: bool = Field(
         default=True,
         description="Send BEGIN in the same round trip as a transaction's first statement "
-        "(psycopg2 waits for it separately): one round trip less per transaction.",
+        "(psycopg2 waits for it separately): one round trip less per transaction; and send the "
+        "ROLLBACK after a response without waiting for its reply.",
     )
     server_timing: bool = Field(
         default=False,

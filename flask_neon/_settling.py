@@ -53,7 +53,10 @@ def _libpq() -> t.Any:
     try:
         import psycopg2._psycopg as module  # type: ignore[import-untyped]
 
-        lib = ctypes.CDLL(module.__file__)
+        # PyDLL: calls keep the GIL. Each is a few microseconds and never blocks (the wait
+        # for a reply is a select()); CDLL would release and retake the GIL per call, and
+        # under load every release lets another request thread in.
+        lib = ctypes.PyDLL(module.__file__)
         pointer = ctypes.c_void_p
         for name, result, arguments in (
             ("PQsendQuery", ctypes.c_int, [pointer, ctypes.c_char_p]),
