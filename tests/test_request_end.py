@@ -8,6 +8,7 @@ once the ``ROLLBACK`` reaches the server all is as before: nothing uncommitted i
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import typing as t
 import uuid
@@ -90,17 +91,30 @@ def checked_out(app: Flask, db: NeonDB) -> int:
         return int(db.pool_stats()["checked_out"])
 
 
-@pytest.mark.parametrize("how", ["read", "uncommitted", "fail", "raise"])
-def test_the_response_arrives_before_the_transaction_ends(
-    database_url: str, proxy: FaultProxy, table: str, how: str
-) -> None:
-    app, db = make_app(proxy.url(database_url))
-    tag = f"{how}-{uuid.uuid4().hex[:6]}"
-    path = "/pid" if how == "read" else f"/write/{tag}/{how}"
+@contextlib.contextmanager
+def rollback_held(
+    proxy: FaultProxy, database_url: str, **settings: t.Any
+) -> Iterator[tuple[Flask, NeonDB]]:
+    """An app through ``proxy``, which holds its ROLLBACKs back until ``proxy.release``."""
+    app, db = make_app(proxy.url(database_url), **settings)
     # The first connection's dialect setup runs a ROLLBACK of its own: done before the hold.
     assert app.test_client().get("/pid").status_code == 200
     proxy.hold = "ROLLBACK"
     try:
+        yield app, db
+    finally:
+        proxy.release.set()
+        with app.app_context():
+            db.engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["read", "uncommitted", "fail", "raise"])
+def test_the_response_arrives_before_the_transaction_ends(
+    database_url: str, proxy: FaultProxy, table: str, how: str
+) -> None:
+    tag = f"{how}-{uuid.uuid4().hex[:6]}"
+    path = "/pid" if how == "read" else f"/write/{tag}/{how}"
+    with rollback_held(proxy, database_url) as (app, db):
         with LiveServer(app) as server:
             try:
                 reply = server.get(path)  # the whole response; the ROLLBACK comes after it
@@ -116,21 +130,14 @@ def test_the_response_arrives_before_the_transaction_ends(
             wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
         assert rows(database_url, tag) == 0  # nothing uncommitted is kept
         assert server.errors == [] or how == "raise"
-    finally:
-        proxy.release.set()
-        with app.app_context():
-            db.engine.dispose()
 
 
 def test_a_large_response_ends_the_transaction_before_it_is_sent(
     database_url: str, proxy: FaultProxy
 ) -> None:
     # A slow client must not hold a pooled connection open while it reads a large body.
-    app, db = make_app(proxy.url(database_url))
-    assert app.test_client().get("/pid").status_code == 200
-    proxy.hold = "ROLLBACK"
     replies: list[t.Any] = []
-    try:
+    with rollback_held(proxy, database_url) as (app, db):
         with LiveServer(app) as server:
             client = threading.Thread(target=lambda: replies.append(server.get("/big")))
             client.start()
@@ -142,21 +149,13 @@ def test_a_large_response_ends_the_transaction_before_it_is_sent(
             client.join(30)
         assert replies[0].status == 200
         assert checked_out(app, db) == 0
-    finally:
-        proxy.release.set()
-        with app.app_context():
-            db.engine.dispose()
 
 
 def test_a_commit_is_confirmed_before_the_response(
     database_url: str, proxy: FaultProxy, table: str
 ) -> None:
-    app, db = make_app(proxy.url(database_url))
     tag = f"commit-{uuid.uuid4().hex[:6]}"
-    # The first connection's dialect setup runs a ROLLBACK of its own: done before the hold.
-    assert app.test_client().get("/pid").status_code == 200
-    proxy.hold = "ROLLBACK"
-    try:
+    with rollback_held(proxy, database_url) as (app, db):
         with LiveServer(app) as server:
             try:
                 assert server.get(f"/write/{tag}/commit").status == 200
@@ -166,10 +165,6 @@ def test_a_commit_is_confirmed_before_the_response(
                 proxy.release.set()
             wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
         assert rows(database_url, tag) == 1
-    finally:
-        proxy.release.set()
-        with app.app_context():
-            db.engine.dispose()
 
 
 def test_a_streamed_response_keeps_its_session_until_the_end(
@@ -259,11 +254,8 @@ def pid_of(reply: t.Any) -> int:
 def test_the_request_thread_does_not_wait_for_the_rollback_reply(
     database_url: str, proxy: FaultProxy, table: str
 ) -> None:
-    app, db = make_app(proxy.url(database_url))
     tag = f"nowait-{uuid.uuid4().hex[:6]}"
-    assert app.test_client().get("/pid").status_code == 200
-    proxy.hold = "ROLLBACK"
-    try:
+    with rollback_held(proxy, database_url) as (app, db):
         with LiveServer(app) as server:
             try:
                 first = pid_of(server.get(f"/write/{tag}/uncommitted"))
@@ -280,21 +272,14 @@ def test_the_request_thread_does_not_wait_for_the_rollback_reply(
             assert backend_state(database_url, first) == "idle"
         assert rows(database_url, tag) == 0
         assert server.errors == []
-    finally:
-        proxy.release.set()
-        with app.app_context():
-            db.engine.dispose()
 
 
 def test_at_capacity_the_next_request_gets_the_connection_once_its_rollback_ended(
     database_url: str, proxy: FaultProxy, table: str
 ) -> None:
-    app, db = make_app(proxy.url(database_url), DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
     tag = f"capacity-{uuid.uuid4().hex[:6]}"
-    assert app.test_client().get("/pid").status_code == 200
-    proxy.hold = "ROLLBACK"
     replies: list[t.Any] = []
-    try:
+    with rollback_held(proxy, database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0) as (app, db):
         with LiveServer(app) as server:
             try:
                 first = pid_of(server.get(f"/write/{tag}/uncommitted"))
@@ -310,20 +295,13 @@ def test_at_capacity_the_next_request_gets_the_connection_once_its_rollback_ende
             wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
         assert rows(database_url, tag) == 0
         assert server.errors == []
-    finally:
-        proxy.release.set()
-        with app.app_context():
-            db.engine.dispose()
 
 
 def test_a_rollback_that_fails_discards_the_connection(
     database_url: str, proxy: FaultProxy, table: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    app, db = make_app(proxy.url(database_url))
     tag = f"failed-{uuid.uuid4().hex[:6]}"
-    assert app.test_client().get("/pid").status_code == 200
-    proxy.hold = "ROLLBACK"
-    try:
+    with rollback_held(proxy, database_url) as (app, db):
         with LiveServer(app) as server:
             try:
                 first = pid_of(server.get(f"/write/{tag}/uncommitted"))
@@ -340,34 +318,22 @@ def test_a_rollback_that_fails_discards_the_connection(
             assert pid_of(server.get("/pid")) != first  # a new connection, no error
         assert rows(database_url, tag) == 0
         assert server.errors == []
-    finally:
-        proxy.release.set()
-        with app.app_context():
-            db.engine.dispose()
 
 
 def test_dispose_closes_a_connection_whose_rollback_is_in_flight(
     database_url: str, proxy: FaultProxy, table: str
 ) -> None:
-    app, db = make_app(proxy.url(database_url))
-    assert app.test_client().get("/pid").status_code == 200
-    proxy.hold = "ROLLBACK"
-    try:
-        with LiveServer(app) as server:
-            first = pid_of(server.get("/pid"))
-            wait_until(proxy.held.is_set, message="the ROLLBACK sent")
-            wait_until(lambda: server.active_requests == 0, message="the thread free")
-            with app.app_context():
-                pool = t.cast(SettlingQueuePool, db.engine.pool)
-                settling = [record.dbapi_connection for record in pool._settling]
-                assert [connection.get_backend_pid() for connection in settling] == [first]
-                db.engine.dispose()
-                assert settling[0].closed
-                assert db.pool_stats()["checked_out"] == 0
-    finally:
-        proxy.release.set()
+    with rollback_held(proxy, database_url) as (app, db), LiveServer(app) as server:
+        first = pid_of(server.get("/pid"))
+        wait_until(proxy.held.is_set, message="the ROLLBACK sent")
+        wait_until(lambda: server.active_requests == 0, message="the thread free")
         with app.app_context():
+            pool = t.cast(SettlingQueuePool, db.engine.pool)
+            settling = [record.dbapi_connection for record in pool._settling]
+            assert [connection.get_backend_pid() for connection in settling] == [first]
             db.engine.dispose()
+            assert settling[0].closed
+            assert db.pool_stats()["checked_out"] == 0
 
 
 def test_a_transaction_with_a_named_cursor_ends_with_psycopg2s_rollback(
