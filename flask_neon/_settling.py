@@ -168,15 +168,15 @@ class SettlingQueuePool(QueuePool):
         super()._do_return_conn(record)
 
     def _do_get(self) -> ConnectionPoolEntry:
-        with self._settling_lock:
-            ended = self._take_ended()
-            # Waiting for the rest of a round trip beats opening a connection (2-4 of them),
-            # except while the pool has fewer than pool_size: a second one serves one thread
-            # from then on while the other's ROLLBACK is in flight.
-            due = None
-            if self._settling and self._pool.empty() and self._overflow >= 0:
-                due = self._settling.pop(0)
-        self._give_back(ended)
+        self._reap()
+        due = None
+        if self._settling:
+            with self._settling_lock:
+                # Waiting for the rest of a round trip beats opening a connection (2-4 of
+                # them), except while the pool has fewer than pool_size: a second one serves
+                # one thread from then on while the other's ROLLBACK is in flight.
+                if self._settling and self._pool.empty() and self._overflow >= 0:
+                    due = self._settling.pop(0)
         if due is not None:
             self._settle(due, wait=self._timeout)
             return due
@@ -184,9 +184,7 @@ class SettlingQueuePool(QueuePool):
 
     def checkedout(self) -> int:
         """Connections in use, counting those whose ROLLBACK is in flight."""
-        with self._settling_lock:
-            ended = self._take_ended()
-        self._give_back(ended)
+        self._reap()
         return super().checkedout()
 
     def dispose(self) -> None:
@@ -197,15 +195,17 @@ class SettlingQueuePool(QueuePool):
             record.close()
         super().dispose()
 
-    def _take_ended(self) -> list[ConnectionPoolEntry]:
-        # Under the lock: the connections whose reply has come, out of the list.
-        ended = [record for record in self._settling if self._settle(record, wait=0.0)]
-        if ended:
-            self._settling = [record for record in self._settling if record not in ended]
-        return ended
-
-    def _give_back(self, records: list[ConnectionPoolEntry]) -> None:
-        for record in records:
+    def _reap(self) -> None:
+        """Give back to the pool the connections whose reply has come."""
+        if not self._settling:  # the common case, without the lock; a stale read waits a turn
+            return
+        with self._settling_lock:
+            due: list[ConnectionPoolEntry] = []
+            ended: list[ConnectionPoolEntry] = []
+            for record in self._settling:
+                (ended if self._settle(record, wait=0.0) else due).append(record)
+            self._settling = due
+        for record in ended:
             self._do_return_conn(record)
 
     def _settle(self, record: ConnectionPoolEntry, wait: float) -> bool:
