@@ -11,6 +11,7 @@ import pytest
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
 from flask import Flask
+from sqlalchemy.events import ConnectionEvents
 
 from flask_neon import DatabaseUnavailableError, NeonDB
 from flask_neon.local import LocalPostgres
@@ -124,6 +125,21 @@ def warm_pool(db: NeonDB, app: Flask, connections: int) -> None:
         connection.exec_driver_sql("SELECT 1")
     for connection in held:
         connection.close()
+
+
+@pytest.mark.parametrize("profile", ["development", "production", "serverless"])
+def test_no_listener_on_sqlalchemys_connection_events(make_app: AppFactory, profile: str) -> None:
+    # One connection-level listener (begin, rollback, before_cursor_execute...) puts every
+    # statement of every request on SQLAlchemy's event path: seven dispatches a request. The
+    # defaults work through pool and dialect hooks only; the opt-in Server-Timing header and
+    # slow-query log are the exceptions (their own tests).
+    app, db = make_app(DB_PROFILE=profile)
+    with app.app_context():
+        engine = db.engine
+        query(db, app, "SELECT 1")
+    names = [name for name in vars(ConnectionEvents) if name[0] != "_" and name != "dispatch"]
+    listened = {name: len(getattr(engine.dispatch, name)) for name in names}
+    assert {name: count for name, count in listened.items() if count} == {}
 
 
 def test_recently_used_connection_is_not_pinged(make_app: AppFactory) -> None:
