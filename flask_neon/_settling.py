@@ -3,9 +3,10 @@
 A request's transaction with nothing to commit ends after its response has been handed to the
 WSGI server (``_request``). psycopg2's ``rollback()`` would still keep the worker thread until
 the server's reply, a round trip: a keep-alive client's next request waits for it. Here the
-``ROLLBACK`` is sent with libpq's ``PQsendQuery`` and the thread goes on; psycopg2's flag is set
-as its own ``rollback()`` sets it, so the rollbacks SQLAlchemy and the pool run next send
-nothing.
+``ROLLBACK`` is sent with libpq's ``PQsendQuery`` and the thread goes on; psycopg2's books are
+kept as its own ``rollback()`` keeps them (the transaction flag, and the count of ended
+transactions that makes the transaction's named cursors invalid), so the rollbacks SQLAlchemy
+and the pool run next send nothing.
 
 The connection is not given back to the pool before its reply has come: :class:`SettlingQueuePool`
 keeps it aside (counted as checked out) and reads the reply when it arrives, at the next
@@ -14,8 +15,7 @@ when waiting for it costs less than opening one, and waits for it then, bounded 
 timeout. A failed ``ROLLBACK``, or no reply within the pool timeout, discards the connection.
 
 Only for the rollback of a request's sessions after its response (:func:`after_response`), and
-only on a plain psycopg2 connection (no wait callback: gevent and eventlet keep psycopg2's way)
-whose transaction used no named cursor: psycopg2 invalidates those at its own rollback.
+only on a plain psycopg2 connection (no wait callback: gevent and eventlet keep psycopg2's way).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _libpq() -> t.Any:
 
 _LIB = _libpq()
 #: True when a ROLLBACK can be sent without waiting (psycopg2's flag and libpq were found).
-AVAILABLE = driver.AVAILABLE and _LIB is not None
+AVAILABLE = driver.AVAILABLE and driver.CAN_END_TRANSACTIONS and _LIB is not None
 
 
 @contextlib.contextmanager
@@ -111,8 +111,7 @@ def install(engine: sa.Engine) -> None:
 
 
 def _send_rollback(proxied: PoolProxiedConnection) -> None:
-    info = proxied.info
-    if info.pop(driver.NAMED_CURSOR, False) or ext.get_wait_callback() is not None:
+    if ext.get_wait_callback() is not None:
         return
     dbapi_connection = proxied.dbapi_connection
     if (
@@ -127,8 +126,8 @@ def _send_rollback(proxied: PoolProxiedConnection) -> None:
         return
     if _LIB.PQsendQuery(pgconn, b"ROLLBACK") != 1:
         return  # psycopg2's rollback() meets the same broken connection and reports it
-    driver._set_status(dbapi_connection, ext.STATUS_READY)
-    info[_SENT] = time.monotonic()
+    driver.end_transaction(dbapi_connection)
+    proxied.info[_SENT] = time.monotonic()
 
 
 def _rollback_reply(dbapi_connection: t.Any, wait: float) -> str | None:

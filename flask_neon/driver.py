@@ -32,8 +32,6 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 _base_status = ext.connection.status  # psycopg2's own attribute, past any subclass
-#: ``Connection.info`` key: a named (server-side) cursor ran in the connection's transaction.
-NAMED_CURSOR = "flask_neon.named_cursor"
 
 # How psycopg2 spells BEGIN's options (psycopg/pqpath.c, pq_begin_locked).
 _ISOLATION = {1: "READ COMMITTED", 2: "REPEATABLE READ", 3: "SERIALIZABLE", 4: "READ UNCOMMITTED"}
@@ -53,19 +51,18 @@ class _MemberDef(ctypes.Structure):
     ]
 
 
-_T_INT = 1  # structmember.h
+_T_INT, _T_LONG = 1, 2  # structmember.h
 _READONLY = 1
 
 
-def _status_offset() -> int | None:
-    """Where psycopg2's connection object keeps ``status``; None when it cannot be verified.
+def _member_offset(name: str, kind: int) -> int | None:
+    """Where psycopg2's connection object keeps the read-only C attribute ``name``.
 
     A member descriptor (``PyMemberDescrObject``) is an object header, three pointers (type,
     name, qualified name) and a pointer to the ``PyMemberDef`` psycopg2 declared. The result
-    is used only when that declaration names ``status``, an int, read-only, and the offset
-    reads back the value the attribute itself reports.
+    is used only when that declaration names ``name``, of C type ``kind``, read-only.
     """
-    descriptor = ext.connection.__dict__.get("status")
+    descriptor = ext.connection.__dict__.get(name)
     if sys.implementation.name != "cpython" or type(descriptor).__name__ != "member_descriptor":
         return None
     header = object.__basicsize__ + 3 * ctypes.sizeof(ctypes.c_void_p)
@@ -74,8 +71,8 @@ def _status_offset() -> int | None:
         return None
     member = _MemberDef.from_address(member_pointer)
     if (
-        member.name != b"status"
-        or member.type != _T_INT
+        member.name != name.encode()
+        or member.type != kind
         or not member.flags & _READONLY
         or not 0 < member.offset < ext.connection.__basicsize__
     ):
@@ -83,9 +80,26 @@ def _status_offset() -> int | None:
     return int(member.offset)
 
 
-_STATUS_OFFSET = _status_offset()
+def _mark_offset(status_offset: int | None) -> int | None:
+    """Where psycopg2 counts ended transactions (``mark``); None when it cannot be verified.
+
+    ``mark`` has no attribute: psycopg2's ``connectionObject`` declares it as the one ``long``
+    between ``closed`` and ``status``, which have. Used only when those two are exactly one
+    ``long`` apart.
+    """
+    closed_offset = _member_offset("closed", _T_LONG)
+    size = ctypes.sizeof(ctypes.c_long)
+    if status_offset is None or closed_offset is None or closed_offset + 2 * size != status_offset:
+        return None
+    return closed_offset + size
+
+
+_STATUS_OFFSET = _member_offset("status", _T_INT)
+_MARK_OFFSET = _mark_offset(_STATUS_OFFSET)
 #: True when psycopg2's transaction flag could be located: fast BEGIN is possible.
 AVAILABLE = _STATUS_OFFSET is not None
+#: True when a transaction can also be recorded as ended the way psycopg2 records it.
+CAN_END_TRANSACTIONS = _MARK_OFFSET is not None
 
 
 def _set_status(connection: t.Any, status: int) -> None:
@@ -95,6 +109,14 @@ def _set_status(connection: t.Any, status: int) -> None:
     if field.value != _base_status.__get__(connection):  # not the layout checked at import
         raise RuntimeError("psycopg2's connection status field moved; disable DB_FAST_BEGIN")
     field.value = status
+
+
+def end_transaction(connection: t.Any) -> None:
+    """Record a transaction as ended, as psycopg2's ``rollback()`` does once it sent ``ROLLBACK``:
+    one more ended transaction (which makes its named cursors invalid) and status "ready"."""
+    assert _MARK_OFFSET is not None
+    ctypes.c_long.from_address(id(connection) + _MARK_OFFSET).value += 1
+    _set_status(connection, ext.STATUS_READY)
 
 
 # -- the transaction's first statement ----------------------------------------------------------
@@ -168,10 +190,6 @@ class FastBegin:
     def execute(self, cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any) -> bool:
         """``do_execute``: True when the statement was run here, with its ``BEGIN``."""
         connection = cursor.connection
-        if cursor.name is not None and context is not None:
-            # psycopg2's own rollback must end it: it also invalidates the cursor
-            # (flask_neon._settling).
-            context.root_connection.info[NAMED_CURSOR] = True
         if not _opens_transaction(connection):
             return False
         # SQLAlchemy checks a new connection (dialect.initialize) in no transaction of its

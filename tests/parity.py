@@ -70,8 +70,13 @@ class Out:
 
 
 def _anonymous(text: str) -> str:
-    # SQLAlchemy names server-side cursors after an object's id: not part of the outcome.
-    return re.sub(r"\bc_[0-9a-f]+_[0-9a-f]+\b", "c_<id>", text)
+    # SQLAlchemy names server-side cursors after an object's id and a counter: not part of the
+    # outcome. Nor is where the server's excerpt of such a statement starts, which moves with
+    # the name's length.
+    text = re.sub(r"\bc_[0-9a-f]+_[0-9a-f]+\b", "c_<id>", text)
+    if "c_<id>" in text or " CURSOR WITH" in text:
+        text = re.sub(r"LINE (\d+): .*\n *\^", r"LINE \1: <excerpt>", text)
+    return text
 
 
 def _read(getter: Callable[[], t.Any]) -> t.Any:

@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from flask import Flask, abort, stream_with_context
 
-from flask_neon import NeonDB
+from flask_neon import NeonDB, driver
 from flask_neon._settling import SettlingQueuePool
 
 from .conftest import admin_execute, wait_until
@@ -336,22 +336,25 @@ def test_dispose_closes_a_connection_whose_rollback_is_in_flight(
             assert db.pool_stats()["checked_out"] == 0
 
 
-def test_a_transaction_with_a_named_cursor_ends_with_psycopg2s_rollback(
-    database_url: str, table: str
-) -> None:
-    # psycopg2's own rollback() also marks the named cursor dead: closing it later (here in
-    # the next request, on the same connection) must not send CLOSE into that transaction.
-    app, db = make_app(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
+def named_cursor_steps(database_url: str, kind: str, **settings: t.Any) -> dict[str, t.Any]:
+    """A named cursor left open by one request, closed by the next one on the same connection."""
+    app, db = make_app(database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0, **settings)
     kept: list[t.Any] = []
+    query = "SELECT pg_backend_pid() FROM generate_series(1, 3)"
 
     @app.get("/named")
     def named() -> dict[str, t.Any]:
-        result = db.session.execute(
-            sa.text("SELECT pg_backend_pid() FROM generate_series(1, 3)"),
-            execution_options={"stream_results": True},
-        )
-        kept.append(t.cast(sa.CursorResult[t.Any], result).cursor)
-        return {"pid": result.fetchone()[0]}  # the cursor stays open
+        if kind == "sqlalchemy":  # a server-side cursor through SQLAlchemy
+            result = db.session.execute(sa.text(query), execution_options={"stream_results": True})
+            kept.append(t.cast(sa.CursorResult[t.Any], result).cursor)
+            return {"pid": result.fetchone()[0]}  # the cursor stays open
+        # One made on the DBAPI connection itself, which SQLAlchemy never sees.
+        connection = db.session.connection().connection.dbapi_connection
+        assert connection is not None
+        cursor = connection.cursor("raw_named")
+        cursor.execute(query)
+        kept.append(cursor)
+        return {"pid": cursor.fetchone()[0]}
 
     @app.get("/close-kept")
     def close_kept() -> dict[str, t.Any]:
@@ -362,16 +365,41 @@ def test_a_transaction_with_a_named_cursor_ends_with_psycopg2s_rollback(
         except psycopg2.Error as exc:  # psycopg2's answer: nothing is sent
             closing = f"{type(exc).__name__}: {exc}"
         db.session.execute(sa.text("SELECT 1"))  # the transaction is intact
-        return {"pid": pid, "closing": closing}
+        return {"same connection": pid, "closing": closing}
 
     try:
         with LiveServer(app) as server:
-            first = pid_of(server.get("/named"))
-            assert kept[0].name is not None
-            reply = server.get("/close-kept")
-            assert pid_of(reply) == first
-            assert reply.json()["closing"] == "ProgrammingError: named cursor isn't valid anymore"
+            first = server.get("/named").json()["pid"]
+            reply = server.get("/close-kept").json()
         assert server.errors == []
+        reply["same connection"] = reply["same connection"] == first
+        return t.cast(dict[str, t.Any], reply)
     finally:
         with app.app_context():
             db.engine.dispose()
+
+
+@pytest.mark.parametrize("kind", ["sqlalchemy", "dbapi"])
+def test_a_named_cursor_after_a_rollback_sent_without_waiting_is_as_after_psycopg2s(
+    database_url: str, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # psycopg2's own rollback() counts the transaction as ended, which makes its named cursors
+    # invalid: closing one later (in the next request, on the same connection) sends nothing
+    # into that request's transaction. The ROLLBACK sent without waiting must leave the same.
+    ended = []
+    end_transaction = driver.end_transaction
+    monkeypatch.setattr(
+        driver, "end_transaction", lambda c: (ended.append(c), end_transaction(c))[-1]
+    )
+    psycopg2_way = named_cursor_steps(database_url, kind, DB_FAST_BEGIN=False)
+    assert ended == []
+    ours = named_cursor_steps(database_url, kind)
+    assert len(ended) == 2  # both requests' ROLLBACKs went out without waiting
+    assert (
+        ours
+        == psycopg2_way
+        == {
+            "same connection": True,
+            "closing": "ProgrammingError: named cursor isn't valid anymore",
+        }
+    )
