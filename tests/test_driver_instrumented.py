@@ -21,6 +21,7 @@ from opentelemetry.instrumentation.sqlalchemy import SQLAlchemyInstrumentor
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from sentry_sdk.integrations import sqlalchemy as sentry_sqlalchemy
 from sentry_sdk.integrations.sqlalchemy import SqlalchemyIntegration
 from sentry_sdk.transport import Transport
 
@@ -113,6 +114,12 @@ def test_sentry_spans_and_breadcrumbs_show_the_sql_as_written(
         world.fast.dispose()
         sentry_sdk.get_client().close()
         sentry_sdk.get_global_scope().set_client(None)
+        # Its setup put listeners on every Engine of the process, never taken off: later
+        # tests would run on SQLAlchemy's event path (and be traced).
+        for name in ("before_cursor_execute", "after_cursor_execute", "handle_error"):
+            listener = getattr(sentry_sqlalchemy, f"_{name}")
+            if sa.event.contains(sa.Engine, name, listener):
+                sa.event.remove(sa.Engine, name, listener)
     items = [
         item.payload.json
         for envelope in transport.envelopes
