@@ -1,0 +1,173 @@
+"""CPU per request, counted rather than timed: the load test's apps, instruction by instruction.
+
+On loopback a database app is CPU-bound, so its throughput is the inverse of its CPU per
+request; but on a shared machine the throughput of one round differs from the next by more
+than the difference between the apps (``load_test.py``: per-round ratios from 0.83 to 1.19).
+Counts do not move: each app runs ``GET /notes/<id>`` as WSGI calls in one process (no HTTP
+server, the response closed as a WSGI server closes it), once with ``--small`` requests and
+once with ``--large``, under
+
+* valgrind's callgrind: the instructions the process ran in user space (Python, SQLAlchemy,
+  Flask, psycopg2, libpq); the same count each run, whatever else the machine does;
+* strace: the system calls it made (each a trip into the kernel: sends, receives, polls).
+
+Per request: (large - small) / (large - small requests), so start-up and warm-up cancel out.
+The apps are those of ``load_test.py``: the example app on flask-neon (production profile) and
+``fsqla_app.py`` on Flask-SQLAlchemy, with ``pool_pre_ping`` and without.
+
+Usage (needs valgrind and strace: ``apt-get install valgrind strace``)::
+
+    python benchmarks/bench_cpu.py                 # starts a throwaway local PostgreSQL
+    BENCH_DB_URL=postgresql://... python benchmarks/bench_cpu.py --json out.json
+
+Only reports; exits non-zero when a tool is missing or a request fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import typing as t
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+NOTES = 100
+#: name -> (app module, extra environment)
+PEERS: dict[str, tuple[str, dict[str, str]]] = {
+    "flask-neon": ("example_app", {}),
+    "Flask-SQLAlchemy, pool_pre_ping": ("benchmarks.fsqla_app", {}),
+    "Flask-SQLAlchemy": ("benchmarks.fsqla_app", {"FSQLA_PRE_PING": "0"}),
+}
+#: Requests every run makes before the counted ones start to matter (caches, the pool).
+WARMUP = 200
+
+
+def serve(module: str, requests: int) -> None:
+    """In the child: ``requests`` + WARMUP reads of random notes, each closed as a server would."""
+    import importlib
+    import random
+
+    from werkzeug.test import EnvironBuilder
+
+    app = importlib.import_module(module).create_app()
+    rng = random.Random(1)  # the same notes in every run
+    environs = [
+        EnvironBuilder(
+            path=f"/notes/{rng.randint(1, NOTES)}",
+            # A WSGI server names itself: flask-neon then ends the transaction after the response.
+            environ_base={"SERVER_SOFTWARE": "gunicorn"},
+        ).get_environ()
+        for _ in range(NOTES)
+    ]
+    statuses: list[str] = []
+
+    def start_response(status: str, headers: t.Any, exc_info: t.Any = None) -> None:
+        statuses.append(status)
+
+    for index in range(WARMUP + requests):
+        body = app(dict(environs[index % NOTES]), start_response)
+        try:
+            for _ in body:
+                pass
+        finally:
+            close = getattr(body, "close", None)
+            if close is not None:
+                close()
+    failed = [status for status in statuses if not status.startswith("200")]
+    if failed:
+        sys.exit(f"{module}: {len(failed)} requests failed, e.g. {failed[0]}")
+
+
+def _child(module: str, requests: int) -> list[str]:
+    return [sys.executable, __file__, "--child", module, str(requests)]
+
+
+def _run(command: list[str], env: dict[str, str]) -> str:
+    done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:3])}... failed:\n{done.stderr[-2000:]}")
+    return done.stderr
+
+
+def instructions(module: str, requests: int, env: dict[str, str], workdir: str) -> int:
+    out = os.path.join(workdir, "callgrind.out")
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    stderr = _run([*command, *_child(module, requests)], env)
+    found = re.search(r"Collected : (\d+)", stderr)
+    if found is None:
+        raise SystemExit(f"no instruction count in callgrind's output:\n{stderr[-2000:]}")
+    return int(found[1])
+
+
+def system_calls(module: str, requests: int, env: dict[str, str], workdir: str) -> int:
+    out = os.path.join(workdir, "strace.out")
+    _run(["strace", "-f", "-c", "-o", out, *_child(module, requests)], env)
+    total = re.search(
+        r"^\s*100\.00\s+\S+\s+\S+\s+\S+\s+(\d+)", pathlib.Path(out).read_text(), re.M
+    )
+    if total is None:
+        raise SystemExit(f"no total in strace's summary:\n{pathlib.Path(out).read_text()}")
+    return int(total[1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--small", type=int, default=200, help="requests of the first run")
+    parser.add_argument("--large", type=int, default=600, help="requests of the second run")
+    parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--child", nargs=2, metavar=("MODULE", "REQUESTS"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        sys.path.insert(0, str(ROOT))
+        serve(args.child[0], int(args.child[1]))
+        return 0
+    missing = [tool for tool in ("valgrind", "strace") if shutil.which(tool) is None]
+    if missing:
+        print(
+            f"missing: {', '.join(missing)} (apt-get install {' '.join(missing)})", file=sys.stderr
+        )
+        return 1
+    if args.large <= args.small:
+        parser.error("--large must be more than --small")
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.load_test import database, prepare
+
+    results: dict[str, dict[str, float]] = {}
+    with database() as (url, _), tempfile.TemporaryDirectory(prefix="bench-cpu-") as workdir:
+        prepare(url)
+        base = {key: value for key, value in os.environ.items() if not key.startswith("DB_")}
+        for name, (module, extra) in PEERS.items():
+            env = {**base, "DB_URL": url, "DB_PROFILE": "production", **extra}
+            per_request: dict[str, float] = {}
+            for label, count in (("instructions", instructions), ("system calls", system_calls)):
+                small = count(module, args.small, env, workdir)
+                large = count(module, args.large, env, workdir)
+                per_request[label] = (large - small) / (args.large - args.small)
+            results[name] = per_request
+            print(
+                f"{name:34} {per_request['instructions'] / 1000:9.0f} k instructions "
+                f"{per_request['system calls']:6.1f} system calls per request",
+                flush=True,
+            )
+    neon = results["flask-neon"]
+    for name, result in results.items():
+        if name != "flask-neon":
+            ratios = {key: neon[key] / result[key] for key in ("instructions", "system calls")}
+            print(
+                f"flask-neon / {name}: instructions {ratios['instructions']:.3f}, "
+                f"system calls {ratios['system calls']:.3f}"
+            )
+    if args.json:
+        pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
