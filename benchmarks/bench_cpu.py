@@ -108,11 +108,11 @@ def instructions(module: str, requests: int, env: dict[str, str], workdir: str) 
 def system_calls(module: str, requests: int, env: dict[str, str], workdir: str) -> int:
     out = os.path.join(workdir, "strace.out")
     _run(["strace", "-f", "-c", "-o", out, *_child(module, requests)], env)
-    total = re.search(
-        r"^\s*100\.00\s+\S+\s+\S+\s+\S+\s+(\d+)", pathlib.Path(out).read_text(), re.M
-    )
+    summary = pathlib.Path(out).read_text()
+    # The last line: "100.00  seconds  usecs/call  calls  [errors]  total".
+    total = re.search(r"^\s*100\.00\s+\S+\s+\S+\s+(\d+)\s+(?:\d+\s+)?total\s*$", summary, re.M)
     if total is None:
-        raise SystemExit(f"no total in strace's summary:\n{pathlib.Path(out).read_text()}")
+        raise SystemExit(f"no total in strace's summary:\n{summary}")
     return int(total[1])
 
 
