@@ -115,8 +115,8 @@ def end_transaction(connection: t.Any) -> None:
     """Record a transaction as ended, as psycopg2's ``rollback()`` does once it sent ``ROLLBACK``:
     one more ended transaction (which makes its named cursors invalid) and status "ready"."""
     assert _MARK_OFFSET is not None
+    _set_status(connection, ext.STATUS_READY)  # first: it checks the layout it writes to
     ctypes.c_long.from_address(id(connection) + _MARK_OFFSET).value += 1
-    _set_status(connection, ext.STATUS_READY)
 
 
 # -- the transaction's first statement ----------------------------------------------------------
