@@ -11,6 +11,9 @@ once with ``--large``, under
   Flask, psycopg2, libpq); the same count each run, whatever else the machine does;
 * strace: the system calls it made (each a trip into the kernel: sends, receives, polls).
 
+With ``PYTHONHASHSEED=0`` in every run: Python seeds string hashing per process, which moves an
+instruction count by a few percent from one run to the next; fixed, it repeats within 0.1%.
+
 Per request: (large - small) / (large - small requests), so start-up and warm-up cancel out.
 The apps are those of ``load_test.py``: the example app on flask-neon (production profile) and
 ``fsqla_app.py`` on Flask-SQLAlchemy, with ``pool_pre_ping`` and without.
@@ -144,7 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         prepare(url)
         base = {key: value for key, value in os.environ.items() if not key.startswith("DB_")}
         for name, (module, extra) in PEERS.items():
-            env = {**base, "DB_URL": url, "DB_PROFILE": "production", **extra}
+            # String hashing is seeded per process and moves the count by a few percent.
+            env = {
+                **base,
+                "DB_URL": url,
+                "DB_PROFILE": "production",
+                "PYTHONHASHSEED": "0",
+                **extra,
+            }
             per_request: dict[str, float] = {}
             for label, count in (("instructions", instructions), ("system calls", system_calls)):
                 small = count(module, args.small, env, workdir)

@@ -124,23 +124,22 @@ class ContextAPI:
         explicit = _explicit.get()
         if explicit is not None or not has_request_context() or self._context_function is None:
             return explicit
-        cached: DatabaseContext | None = g.get(_CACHE)
-        if cached is None:
-            if g.get(_COMPUTING):
-                # A query from inside the function would begin a transaction without the
-                # context, and whatever ran in that transaction afterwards would be
-                # unfiltered: refused rather than run.
-                raise NeonStateError(
-                    "the request_context function ran a query; its transaction would begin "
-                    "without the context. Read what the function needs from the request (a "
-                    "verified token, the session cookie), or query under an explicit empty "
-                    "context: with db.context(), db.engine.connect() as connection: ..."
-                )
-            setattr(g, _COMPUTING, True)
-            try:
-                found = self._context_function()
-            finally:
-                setattr(g, _COMPUTING, False)
+        cached: DatabaseContext | object | None = g.get(_CACHE)
+        if isinstance(cached, DatabaseContext):
+            return cached
+        if cached is _COMPUTING:
+            # A query from inside the function would begin a transaction without the
+            # context, and whatever ran in that transaction afterwards would be
+            # unfiltered: refused rather than run.
+            raise NeonStateError(
+                "the request_context function ran a query; its transaction would begin "
+                "without the context. Read what the function needs from the request (a "
+                "verified token, the session cookie), or query under an explicit empty "
+                "context: with db.context(), db.engine.connect() as connection: ..."
+            )
+        setattr(g, _CACHE, _COMPUTING)
+        try:
+            found = self._context_function()
             if found is None:
                 if self._context_required:
                     raise NeonStateError(
@@ -149,9 +148,12 @@ class ContextAPI:
                         "run without settings, or raise (abort(401)) to refuse the request."
                     )
                 found = DatabaseContext()
-            cached = found if isinstance(found, DatabaseContext) else DatabaseContext(found)
-            setattr(g, _CACHE, cached)
-        return cached
+            context = found if isinstance(found, DatabaseContext) else DatabaseContext(found)
+        except BaseException:
+            g.pop(_CACHE, None)  # asked again by the next transaction, as the first time
+            raise
+        setattr(g, _CACHE, context)
+        return context
 
 
 def context_sql(context: DatabaseContext | None, connection: t.Any) -> str:

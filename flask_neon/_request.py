@@ -98,6 +98,8 @@ class RequestSessions:
         transaction and the pooled connection open. Not for a ``direct_passthrough`` response
         (a file), whose close the server calls without the response's callbacks.
         """
+        if _SESSIONS not in g:
+            return  # no session so far; one opened later (in teardown) ends at teardown
         size = response.content_length
         if (
             "SERVER_SOFTWARE" not in request.environ
@@ -106,7 +108,7 @@ class RequestSessions:
             or size > HANDOFF_MAX_BYTES
         ):
             return
-        handoff = _Handoff(self._state(what="teardown"))
+        handoff = _Handoff(self._state(sender, what="teardown"))
         response.call_on_close(handoff.close)
         setattr(g, _HANDOFF, handoff)
 
