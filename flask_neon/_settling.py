@@ -113,13 +113,8 @@ def install(engine: sa.Engine) -> None:
 def _send_rollback(proxied: PoolProxiedConnection) -> None:
     if ext.get_wait_callback() is not None:
         return
-    dbapi_connection = proxied.dbapi_connection
-    if (
-        not isinstance(dbapi_connection, ext.connection)
-        or dbapi_connection.closed
-        or dbapi_connection.autocommit
-        or dbapi_connection.status != ext.STATUS_BEGIN
-    ):
+    dbapi_connection: t.Any = proxied.dbapi_connection
+    if not driver.transaction_flag_is(dbapi_connection, ext.STATUS_BEGIN):
         return
     pgconn = ctypes.c_void_p(dbapi_connection.pgconn_ptr)
     if _LIB.PQtransactionStatus(pgconn) not in (_PQTRANS_INTRANS, _PQTRANS_INERROR):

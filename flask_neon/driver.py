@@ -122,14 +122,19 @@ def end_transaction(connection: t.Any) -> None:
 # -- the transaction's first statement ----------------------------------------------------------
 
 
-def _opens_transaction(connection: t.Any) -> bool:
-    """True when psycopg2 would send ``BEGIN`` before the next statement."""
+def transaction_flag_is(connection: t.Any, status: int) -> bool:
+    """True for an open psycopg2 connection, not in autocommit, whose flag reads ``status``."""
     return (
         isinstance(connection, ext.connection)
         and not connection.closed
         and not connection.autocommit
-        and connection.status == ext.STATUS_READY
+        and connection.status == status
     )
+
+
+def _opens_transaction(connection: t.Any) -> bool:
+    """True when psycopg2 would send ``BEGIN`` before the next statement."""
+    return transaction_flag_is(connection, ext.STATUS_READY)
 
 
 def _begin_sql(connection: t.Any) -> str:

@@ -108,6 +108,16 @@ def rollback_held(
             db.engine.dispose()
 
 
+@contextlib.contextmanager
+def released_at_the_end(proxy: FaultProxy) -> Iterator[None]:
+    """The block runs while ``proxy`` holds the ROLLBACK back; it goes through at the end, also
+    when an assertion in the block fails (the server could not stop with it held)."""
+    try:
+        yield
+    finally:
+        proxy.release.set()
+
+
 @pytest.mark.parametrize("how", ["read", "uncommitted", "fail", "raise"])
 def test_the_response_arrives_before_the_transaction_ends(
     database_url: str, proxy: FaultProxy, table: str, how: str
@@ -116,7 +126,7 @@ def test_the_response_arrives_before_the_transaction_ends(
     path = "/pid" if how == "read" else f"/write/{tag}/{how}"
     with rollback_held(proxy, database_url) as (app, db):
         with LiveServer(app) as server:
-            try:
+            with released_at_the_end(proxy):
                 reply = server.get(path)  # the whole response; the ROLLBACK comes after it
                 wait_until(proxy.held.is_set, message="the ROLLBACK sent")
                 expected = {"read": 200, "uncommitted": 200, "fail": 409, "raise": 500}[how]
@@ -125,8 +135,6 @@ def test_the_response_arrives_before_the_transaction_ends(
                 if reply.status == 200:
                     state = backend_state(database_url, reply.json()["pid"])
                     assert state == "idle in transaction"
-            finally:
-                proxy.release.set()
             wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
         assert rows(database_url, tag) == 0  # nothing uncommitted is kept
         assert server.errors == [] or how == "raise"
@@ -141,11 +149,9 @@ def test_a_large_response_ends_the_transaction_before_it_is_sent(
         with LiveServer(app) as server:
             client = threading.Thread(target=lambda: replies.append(server.get("/big")))
             client.start()
-            try:
+            with released_at_the_end(proxy):
                 wait_until(proxy.held.is_set, message="the ROLLBACK sent")
                 assert replies == []  # the response waits for the ROLLBACK
-            finally:
-                proxy.release.set()
             client.join(30)
         assert replies[0].status == 200
         assert checked_out(app, db) == 0
@@ -157,12 +163,10 @@ def test_a_commit_is_confirmed_before_the_response(
     tag = f"commit-{uuid.uuid4().hex[:6]}"
     with rollback_held(proxy, database_url) as (app, db):
         with LiveServer(app) as server:
-            try:
+            with released_at_the_end(proxy):
                 assert server.get(f"/write/{tag}/commit").status == 200
                 assert rows(database_url, tag) == 1  # committed before the response
                 wait_until(proxy.held.is_set, message="the ROLLBACK sent")
-            finally:
-                proxy.release.set()
             wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
         assert rows(database_url, tag) == 1
 
@@ -257,7 +261,7 @@ def test_the_request_thread_does_not_wait_for_the_rollback_reply(
     tag = f"nowait-{uuid.uuid4().hex[:6]}"
     with rollback_held(proxy, database_url) as (app, db):
         with LiveServer(app) as server:
-            try:
+            with released_at_the_end(proxy):
                 first = pid_of(server.get(f"/write/{tag}/uncommitted"))
                 wait_until(proxy.held.is_set, message="the ROLLBACK sent")
                 # psycopg2's rollback() would keep the thread until the server's reply.
@@ -266,8 +270,6 @@ def test_the_request_thread_does_not_wait_for_the_rollback_reply(
                 assert backend_state(database_url, first) == "idle in transaction"
                 # Meanwhile another request gets another connection, never this one.
                 assert pid_of(server.get("/pid")) != first
-            finally:
-                proxy.release.set()
             wait_until(lambda: checked_out(app, db) == 0, message="connections checked in")
             assert backend_state(database_url, first) == "idle"
         assert rows(database_url, tag) == 0
@@ -281,15 +283,13 @@ def test_at_capacity_the_next_request_gets_the_connection_once_its_rollback_ende
     replies: list[t.Any] = []
     with rollback_held(proxy, database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0) as (app, db):
         with LiveServer(app) as server:
-            try:
+            with released_at_the_end(proxy):
                 first = pid_of(server.get(f"/write/{tag}/uncommitted"))
                 wait_until(proxy.held.is_set, message="the ROLLBACK sent")
                 client = threading.Thread(target=lambda: replies.append(server.get("/pid")))
                 client.start()
                 wait_until(lambda: server.active_requests == 2, message="the next request in")
                 assert replies == []  # no connection for it while the ROLLBACK is due
-            finally:
-                proxy.release.set()
             client.join(30)
             assert pid_of(replies[0]) == first  # the same connection, its transaction ended
             wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
@@ -303,13 +303,11 @@ def test_a_rollback_that_fails_discards_the_connection(
     tag = f"failed-{uuid.uuid4().hex[:6]}"
     with rollback_held(proxy, database_url) as (app, db):
         with LiveServer(app) as server:
-            try:
+            with released_at_the_end(proxy):
                 first = pid_of(server.get(f"/write/{tag}/uncommitted"))
                 wait_until(proxy.held.is_set, message="the ROLLBACK sent")
                 admin_execute(database_url, "SELECT pg_terminate_backend(%s)", [first])
                 wait_until(lambda: backend_state(database_url, first) == "gone", message="gone")
-            finally:
-                proxy.release.set()
             wait_until(lambda: checked_out(app, db) == 0, message="connection given up")
             assert "the ROLLBACK after a response failed" in caplog.text
             with app.app_context():
