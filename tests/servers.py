@@ -404,9 +404,13 @@ class Replica(_Server):
         account = server_account()
         uid, gid = account if account is not None else (None, None)
         env = {key: value for key, value in os.environ.items() if not key.startswith("PG")}
+        # The primary's own programs: as root, a copy the server account can run when the
+        # project's folder is closed to it (the wheel's would be out of its reach).
+        binaries = self.primary.binaries
+        assert binaries is not None  # started above
         result = subprocess.run(
             [
-                str(find_pg_bin() / "pg_basebackup"),
+                str(binaries / "pg_basebackup"),
                 *("-R", "-X", "stream", "-c", "fast", "--no-sync"),
                 *("-D", str(self.root / "data")),
                 *("-h", self.primary.host, "-p", str(self.primary.port), "-U", "postgres"),
