@@ -193,6 +193,12 @@ class WrkResult:
     non_2xx: int
     socket_errors: dict[str, int]
     statuses: dict[str, int]
+    #: CPU seconds gunicorn's processes (master and workers) used during the run.
+    cpu_s: float = 0.0
+
+    @property
+    def cpu_us_per_request(self) -> float:
+        return self.cpu_s / max(self.requests, 1) * 1e6
 
     @property
     def errors(self) -> int:
@@ -240,14 +246,30 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
+def cpu_seconds(group: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of process group ``group``."""
+    ticks = 0
+    for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
+        try:
+            # After the command name in parentheses: state, ppid, pgrp, ... utime (14), stime (15).
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == group:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def run_wrk(
     base_url: str,
     variant: Variant,
     duration: int,
     script_dir: pathlib.Path,
     during: Callable[[], None] | None = None,
+    server_group: int | None = None,
 ) -> WrkResult:
-    """Run wrk against ``variant``; ``during`` is called once wrk has started."""
+    """Run wrk against ``variant``; ``during`` is called once wrk has started. With
+    ``server_group`` (gunicorn's process group), the result has the CPU the server used."""
     script = script_dir / f"{re.sub(r'[^a-z0-9]+', '_', variant.name)}.lua"
     script.write_text(
         WRK_SCRIPT.replace("PATH", json.dumps(variant.path)).replace("NOTES", str(NOTES))
@@ -262,6 +284,7 @@ def run_wrk(
         f"--script={script}",
         base_url + "/",
     ]
+    cpu_before = cpu_seconds(server_group) if server_group else 0.0
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         if during is not None:
@@ -273,7 +296,10 @@ def run_wrk(
         raise
     if process.returncode != 0:
         raise BenchmarkError(f"wrk failed ({process.returncode}): {stderr or stdout}")
-    return parse_wrk(stdout)
+    result = parse_wrk(stdout)
+    if server_group:
+        result.cpu_s = cpu_seconds(server_group) - cpu_before
+    return result
 
 
 def stall(db_url: str, after_s: float, seconds: float) -> None:
@@ -355,8 +381,8 @@ def gunicorn(
     cores: list[int] | None,
     workers: int = WORKERS,
     threads: int = THREADS,
-) -> Iterator[str]:
-    """Serve ``variant`` on a free port of 127.0.0.1; yields its base URL."""
+) -> Iterator[tuple[str, int]]:
+    """Serve ``variant`` on a free port of 127.0.0.1; yields its base URL and process group."""
     port = _free_port()
     # The variant's settings only: no DB_* from this shell; and an empty working directory,
     # so that no stray .env is read.
@@ -395,7 +421,7 @@ def gunicorn(
     try:
         base_url = f"http://127.0.0.1:{port}"
         _wait_ready(process, base_url + "/notes/1", log)
-        yield base_url
+        yield base_url, process.pid  # the leader of its own session and group
     finally:
         _stop(process)
     if process.returncode not in (0, -signal.SIGTERM):
@@ -497,6 +523,7 @@ def summarize(runs: list[WrkResult]) -> dict[str, t.Any]:
         "requests_per_s": statistics.median(rates),
         "requests_per_s_min": min(rates),
         "requests_per_s_max": max(rates),
+        "cpu_us_per_request": statistics.median(run.cpu_us_per_request for run in runs),
         "p50_ms": statistics.median(run.p50_ms for run in runs),
         "p99_ms": statistics.median(run.p99_ms for run in runs),
         "max_ms": max(run.max_ms for run in runs),
@@ -512,6 +539,14 @@ def round_ratios(runs: dict[str, list[WrkResult]]) -> list[float]:
     """flask-neon's requests/s over Flask-SQLAlchemy's, per round (run back to back)."""
     pairs = zip(runs[NEON.name], runs[FSQLA.name], strict=True)
     return [neon.requests_per_s / fsqla.requests_per_s for neon, fsqla in pairs]
+
+
+def cpu_ratios(runs: dict[str, list[WrkResult]]) -> list[float]:
+    """Flask-SQLAlchemy's server CPU per request over flask-neon's, per round: the ratio of
+    the requests/s each sustains on the same saturated cores, without the time the machine's
+    other tenants take from a round."""
+    pairs = zip(runs[NEON.name], runs[FSQLA.name], strict=True)
+    return [fsqla.cpu_us_per_request / neon.cpu_us_per_request for neon, fsqla in pairs]
 
 
 def check(summary: dict[str, dict[str, t.Any]], ratio: float) -> tuple[list[str], list[str]]:
@@ -541,11 +576,13 @@ def check(summary: dict[str, dict[str, t.Any]], ratio: float) -> tuple[list[str]
     return failures, missed
 
 
-def report(summary: dict[str, dict[str, t.Any]], rounds: int, ratios: list[float]) -> None:
+def report(
+    summary: dict[str, dict[str, t.Any]], rounds: int, ratios: list[float], cpu: list[float]
+) -> None:
     spread = rounds > 1
     print(
         f"\n{'variant':32} {'req/s':>9}{'  (min-max)' if spread else ''} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'max ms':>8} {'errors':>7} {'503':>6}"
+        f"{'p99 ms':>8} {'max ms':>8} {'errors':>7} {'503':>6} {'CPU us/req':>10}"
     )
     for name, result in summary.items():
         rate_range = (
@@ -556,12 +593,16 @@ def report(summary: dict[str, dict[str, t.Any]], rounds: int, ratios: list[float
         print(
             f"{name:32} {result['requests_per_s']:9.1f}{rate_range} {result['p50_ms']:8.2f} "
             f"{result['p99_ms']:8.2f} {result['max_ms']:8.1f} {result['errors']:7d} "
-            f"{result['statuses'].get('503', 0):6d}"
+            f"{result['statuses'].get('503', 0):6d} {result['cpu_us_per_request']:10.0f}"
         )
     print(
         f"\nthroughput flask-neon / Flask-SQLAlchemy pre_ping, median of the rounds: "
         f"{statistics.median(ratios):.3f} (rounds: {', '.join(f'{r:.2f}' for r in ratios)}; "
         f"target >= {TARGET_RATIO})"
+    )
+    print(
+        f"server CPU per request, Flask-SQLAlchemy pre_ping / flask-neon, median of the rounds: "
+        f"{statistics.median(cpu):.3f} (rounds: {', '.join(f'{r:.2f}' for r in cpu)})"
     )
     for variant in (SMALL_POOL, STALL):
         result = summary[variant.name]
@@ -607,12 +648,13 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         with contextlib.ExitStack() as stack:
-            servers: dict[tuple[str, tuple[tuple[str, str], ...]], str] = {}
+            servers: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[str, int]] = {}
             for variant in VARIANTS:
                 if variant.server_key not in servers:
-                    servers[variant.server_key] = base_url = stack.enter_context(
+                    servers[variant.server_key] = stack.enter_context(
                         gunicorn(variant, url, workdir, server_cores)
                     )
+                    base_url = servers[variant.server_key][0]
                     if args.warmup:
                         run_wrk(base_url, variant, args.warmup, workdir)
             for index in range(args.rounds):
@@ -622,21 +664,23 @@ def main(argv: list[str] | None = None) -> int:
                     during = None
                     if variant.stall_s is not None:
                         during = functools.partial(stall, url, args.duration / 3, variant.stall_s)
-                    base_url = servers[variant.server_key]
-                    result = run_wrk(base_url, variant, args.duration, workdir, during)
+                    base_url, group = servers[variant.server_key]
+                    result = run_wrk(base_url, variant, args.duration, workdir, during, group)
                     runs[variant.name].append(result)
                     print(
                         f"round {index + 1}/{args.rounds} {variant.name}: "
                         f"{result.requests_per_s:.1f} req/s, p50 {result.p50_ms:.2f} ms, "
-                        f"p99 {result.p99_ms:.2f} ms, errors {result.errors}",
+                        f"p99 {result.p99_ms:.2f} ms, errors {result.errors}, "
+                        f"server CPU {result.cpu_us_per_request:.0f} us/request",
                         flush=True,
                     )
 
     summary = {name: summarize(results) for name, results in runs.items()}
     ratios = round_ratios(runs)
     ratio = statistics.median(ratios)
+    cpu = cpu_ratios(runs)
     failures, missed = check(summary, ratio)
-    report(summary, args.rounds, ratios)
+    report(summary, args.rounds, ratios, cpu)
     if args.json:
         machine = {
             "nproc": os.cpu_count(),
@@ -664,6 +708,8 @@ def main(argv: list[str] | None = None) -> int:
                     "runs": {n: [dataclasses.asdict(r) for r in rs] for n, rs in runs.items()},
                     "ratio": ratio,
                     "round_ratios": ratios,
+                    "cpu_ratio": statistics.median(cpu),
+                    "round_cpu_ratios": cpu,
                     "failures": failures,
                     "missed": missed,
                 },

@@ -5,7 +5,8 @@ The events installed here are the reason flask-neon survives Neon's failure mode
 * session limits (``statement_timeout``, ``idle_in_transaction_session_timeout``) reach the
   server as startup options on a direct host, or with ``SET LOCAL`` per transaction through a
   pooler, which rejects startup options and drops session state;
-* a liveness check on checkout that costs no round trip for a recently used connection;
+* a liveness check on checkout that costs no round trip for a recently used connection
+  (``_liveness``, run by the pool);
 * connect retries with backoff and jitter, bounded by ``DB_CONNECT_TIMEOUT``, for computes
   that are waking up;
 * fork safety: a forked child never touches its parent's sockets.
@@ -17,18 +18,17 @@ import atexit
 import functools
 import logging
 import os
-import select
 import time
 import typing as t
 import weakref
 
 import sqlalchemy as sa
-import sqlalchemy.exc as sa_exc
 from sqlalchemy import event
-from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection
+from sqlalchemy.pool import ConnectionPoolEntry
 
 from . import _settling, driver
 from ._errors import NeonConfigError, classify
+from ._liveness import LivenessCheck
 from ._monitoring import MeasuredQueuePool
 from ._profiles import PoolConfig
 from ._retry import Backoff
@@ -37,8 +37,6 @@ from ._url import DatabaseURL
 
 log = logging.getLogger("flask_neon")
 
-_LAST_CHECKIN = "flask_neon.last_checkin"
-_POLLER = "flask_neon.poller"
 # libpq rounds connect_timeout down to whole seconds and treats anything below 2 as 2.
 _MIN_ATTEMPT_SECONDS = 2
 
@@ -132,7 +130,10 @@ def make_engine(
         _settling.install(engine)  # and the ROLLBACK after a response without waiting
     elif per_transaction or context:
         _install_per_transaction_statements(engine, driver.FastBegin(per_transaction, context))
-    _install_liveness_check(engine, settings.ping_after_idle)
+    # The pool checks a connection it hands out (a pool event would cost every checkout).
+    t.cast(MeasuredQueuePool, engine.pool).liveness = LivenessCheck(
+        engine.dialect, settings.ping_after_idle
+    )
     _install_connect_retry(engine, settings, url.secrets())
     _engines.add(engine)
     _install_process_hooks()
@@ -165,59 +166,6 @@ def _install_per_transaction_statements(engine: sa.Engine, fast: driver.FastBegi
             # these must not inherit that (a SET cannot be DECLAREd).
             options = {"stream_results": False}
             connection.exec_driver_sql(statements, execution_options=options)
-
-
-def _install_liveness_check(engine: sa.Engine, ping_after_idle: float) -> None:
-    """Validate a pooled connection on checkout, paying a round trip only when it is needed.
-
-    A server that terminates a backend (restart, ``pg_terminate_backend``, a suspended
-    compute) sends an error and closes the socket, so the socket of a dead idle connection
-    is readable: ``poll()`` with no timeout finds it for the price of a system call. Only a
-    connection idle longer than ``ping_after_idle`` (when the peer may have vanished without a
-    word) or one with unexpected input is pinged. Failures raise ``DisconnectionError``, which
-    makes the pool replace the connection and hand out a fresh one.
-    """
-    dialect = engine.dialect
-
-    @event.listens_for(engine, "checkin")
-    def _remember_checkin(dbapi_connection: t.Any, record: ConnectionPoolEntry) -> None:
-        record.info[_LAST_CHECKIN] = time.monotonic()
-
-    @event.listens_for(engine, "checkout")
-    def _check_alive(
-        dbapi_connection: t.Any, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
-    ) -> None:
-        last_checkin = record.info.get(_LAST_CHECKIN)
-        if last_checkin is None:
-            return  # Opened just now for this checkout.
-        if dbapi_connection.closed:
-            raise sa_exc.DisconnectionError("connection was closed while idle in the pool")
-        if not _has_input(dbapi_connection, record) and (
-            time.monotonic() - last_checkin < ping_after_idle
-        ):
-            return
-        try:
-            dialect.do_ping(dbapi_connection)
-        except Exception as exc:
-            raise sa_exc.DisconnectionError(
-                f"connection failed its liveness check: {exc}"
-            ) from exc
-
-
-def _has_input(dbapi_connection: t.Any, record: ConnectionPoolEntry) -> bool:
-    """True when the server sent something to an idle connection, or closed it."""
-    if not hasattr(select, "poll"):  # pragma: no cover - Windows
-        fd = dbapi_connection.fileno()
-        readable, _, errored = select.select([fd], [], [fd], 0)
-        return bool(readable or errored)
-    # One poller per connection, registered once: the pool clears record.info when the
-    # connection is replaced, so a new socket gets a new poller.
-    poller = record.info.get(_POLLER)
-    if poller is None:
-        poller = select.poll()
-        poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
-        record.info[_POLLER] = poller
-    return bool(poller.poll(0))
 
 
 def _install_connect_retry(engine: sa.Engine, settings: NeonSettings, secrets: list[str]) -> None:

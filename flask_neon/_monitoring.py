@@ -20,6 +20,7 @@ from flask import has_request_context, request
 from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
+from ._liveness import LivenessCheck
 from ._settling import SettlingQueuePool
 
 log = logging.getLogger("flask_neon")
@@ -53,27 +54,34 @@ class MeasuredQueuePool(SettlingQueuePool):
     :meth:`PoolMonitor.install` sets before the first checkout."""
 
     monitor: PoolMonitor
+    #: Checks each connection handed out (set by the engine); None: no check.
+    liveness: LivenessCheck | None = None
 
     def _do_get(self) -> ConnectionPoolEntry:
         started = time.perf_counter()
         # Counted here rather than in a checkout listener: one less event per request.
         timed_out = False
         try:
-            return super()._do_get()
+            record = super()._do_get()
         except sa.exc.TimeoutError:
             timed_out = True
             raise
         finally:
             self.monitor.checked_out(self, time.perf_counter() - started, timed_out)
+        if self.liveness is not None:
+            self.liveness.handing_out(record)
+        return record
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        if self.liveness is not None:
+            self.liveness.returned(record)
         super()._do_return_conn(record)
         for observer in self.monitor.observers:
             observer.returned(self)
 
     def recreate(self) -> QueuePool:
         pool = t.cast(MeasuredQueuePool, super().recreate())
-        pool.monitor = self.monitor
+        pool.monitor, pool.liveness = self.monitor, self.liveness
         return pool
 
 

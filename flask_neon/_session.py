@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import typing as t
 
 import sqlalchemy as sa
@@ -27,22 +28,23 @@ class RoutingSession(orm.Session):
         **kwargs: t.Any,
     ) -> t.Any:
         if bind is None:
-            for table in (_mapper_table(mapper), _clause_table(clause)):
+            key = _mapper_bind_key(mapper) if mapper is not None else None
+            if key is None:
+                table = _clause_table(clause)
                 key = table.metadata.info.get("bind_key") if table is not None else None
-                if key is not None:
-                    if key not in self._engines:
-                        raise sa.exc.UnboundExecutionError(
-                            f"Bind key {key!r} is not in DB_BINDS (or SQLALCHEMY_BINDS)."
-                        )
-                    return self._engines[key]
+            if key is not None:
+                if key not in self._engines:
+                    raise sa.exc.UnboundExecutionError(
+                        f"Bind key {key!r} is not in DB_BINDS (or SQLALCHEMY_BINDS)."
+                    )
+                return self._engines[key]
         return super().get_bind(mapper, clause=clause, bind=bind, **kwargs)
 
 
-def _mapper_table(mapper: t.Any) -> sa.Table | None:
-    if mapper is None:
-        return None
+@functools.lru_cache(maxsize=1024)  # every statement asks; a model's table never changes
+def _mapper_bind_key(mapper: t.Any) -> str | None:
     table = sa.inspect(mapper).local_table
-    return table if isinstance(table, sa.Table) else None
+    return table.metadata.info.get("bind_key") if isinstance(table, sa.Table) else None
 
 
 def _clause_table(clause: t.Any) -> sa.Table | None:

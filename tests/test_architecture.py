@@ -12,7 +12,7 @@ PACKAGE = pathlib.Path(flask_neon.__file__).resolve().parent
 
 #: Bottom to top. A module imports only from layers below its own.
 LAYERS: list[set[str]] = [
-    {"_errors", "_retry", "driver", "_pagination", "_session", "_timing"},
+    {"_errors", "_retry", "driver", "_pagination", "_session", "_timing", "_liveness"},
     {"_models", "_context", "_settling"},
     {"_settings", "_url", "_probe", "_monitoring"},
     {"_settings_loader", "_metrics"},

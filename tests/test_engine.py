@@ -142,6 +142,17 @@ def test_no_listener_on_sqlalchemys_connection_events(make_app: AppFactory, prof
     assert {name: count for name, count in listened.items() if count} == {}
 
 
+@pytest.mark.parametrize("profile", ["production", "serverless"])
+def test_no_listener_on_the_pools_checkout_and_checkin(make_app: AppFactory, profile: str) -> None:
+    # The liveness check runs inside the pool: a checkout or checkin listener would cost
+    # every request SQLAlchemy's event dispatch twice. (Development's leak detection listens.)
+    app, db = make_app(DB_PROFILE=profile)
+    with app.app_context():
+        engine = db.engine
+        query(db, app, "SELECT 1")
+    assert (len(engine.pool.dispatch.checkout), len(engine.pool.dispatch.checkin)) == (0, 0)
+
+
 def test_recently_used_connection_is_not_pinged(make_app: AppFactory) -> None:
     app, db = make_app()
     pings = count_pings(db, app)

@@ -1,0 +1,73 @@
+"""The liveness check of a pooled connection at checkout: a round trip only when it is needed.
+
+A server that terminates a backend (restart, ``pg_terminate_backend``, a suspended compute)
+sends an error and closes the socket, so the socket of a dead idle connection is readable:
+``poll()`` with no timeout finds it for the price of a system call. Only a connection idle
+longer than ``DB_PING_AFTER_IDLE`` (when the peer may have vanished without a word) or one with
+unexpected input is pinged. A connection that fails is invalidated before it is handed out, and
+the pool's caller opens a fresh one in its place (as after a ``DisconnectionError`` raised
+from a checkout listener, without putting every checkout on SQLAlchemy's event path).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import select
+import time
+import typing as t
+
+import sqlalchemy as sa
+import sqlalchemy.exc as sa_exc
+from sqlalchemy.pool import ConnectionPoolEntry
+
+_LAST_CHECKIN = "flask_neon.last_checkin"
+_POLLER = "flask_neon.poller"
+
+
+@dataclasses.dataclass(frozen=True)
+class LivenessCheck:
+    """Called by the pool (:class:`~flask_neon._monitoring.MeasuredQueuePool`) for each
+    connection it takes back and hands out."""
+
+    dialect: sa.Dialect
+    #: Seconds after which an idle connection is pinged (``DB_PING_AFTER_IDLE``).
+    ping_after_idle: float
+
+    def returned(self, record: ConnectionPoolEntry) -> None:
+        record.info[_LAST_CHECKIN] = time.monotonic()
+
+    def handing_out(self, record: ConnectionPoolEntry) -> None:
+        """Invalidate ``record`` if its connection is dead; the caller then reconnects it."""
+        last_checkin = record.info.get(_LAST_CHECKIN)
+        dbapi_connection = record.dbapi_connection
+        if last_checkin is None or dbapi_connection is None:
+            return  # opened just now for this checkout, or to be opened
+        if dbapi_connection.closed:
+            problem = "connection was closed while idle in the pool"
+        elif not _has_input(dbapi_connection, record) and (
+            time.monotonic() - last_checkin < self.ping_after_idle
+        ):
+            return
+        else:
+            try:
+                self.dialect.do_ping(dbapi_connection)
+                return
+            except Exception as exc:
+                problem = f"connection failed its liveness check: {exc}"
+        record.invalidate(sa_exc.DisconnectionError(problem))
+
+
+def _has_input(dbapi_connection: t.Any, record: ConnectionPoolEntry) -> bool:
+    """True when the server sent something to an idle connection, or closed it."""
+    if not hasattr(select, "poll"):  # pragma: no cover - Windows
+        fd = dbapi_connection.fileno()
+        readable, _, errored = select.select([fd], [], [fd], 0)
+        return bool(readable or errored)
+    # One poller per connection, registered once: the pool clears record.info when the
+    # connection is replaced, so a new socket gets a new poller.
+    poller = record.info.get(_POLLER)
+    if poller is None:
+        poller = select.poll()
+        poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        record.info[_POLLER] = poller
+    return bool(poller.poll(0))
