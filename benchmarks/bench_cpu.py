@@ -12,7 +12,9 @@ once with ``--large``, under
 * strace: the system calls it made (each a trip into the kernel: sends, receives, polls).
 
 With ``PYTHONHASHSEED=0`` in every run: Python seeds string hashing per process, which moves an
-instruction count by a few percent from one run to the next; fixed, it repeats within 0.1%.
+instruction count by a few percent from one run to the next. And without address space
+randomisation (``setarch -R``, when there): objects hashed by address (SQLAlchemy's caches,
+weak dictionaries) land elsewhere each run, which moved the count by up to 2% more.
 
 Per request: (large - small) / (large - small requests), so start-up and warm-up cancel out.
 The apps are those of ``load_test.py``: the example app on flask-neon (production profile) and
@@ -100,7 +102,8 @@ def _run(command: list[str], env: dict[str, str]) -> str:
 
 def instructions(module: str, requests: int, env: dict[str, str], workdir: str) -> int:
     out = os.path.join(workdir, "callgrind.out")
-    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    fixed_addresses = ["setarch", "-R"] if shutil.which("setarch") else []
+    command = [*fixed_addresses, "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     stderr = _run([*command, *_child(module, requests)], env)
     found = re.search(r"Collected : (\d+)", stderr)
     if found is None:

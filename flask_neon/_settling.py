@@ -10,7 +10,7 @@ and the pool run next send nothing.
 
 The connection is not given back to the pool before its reply has come: :class:`SettlingQueuePool`
 keeps it aside (counted as checked out) and reads the reply when it arrives, at the next
-checkout, checkin or statistics call; it hands out a connection whose reply is still due only
+checkout or statistics call; it hands out a connection whose reply is still due only
 when waiting for it costs less than opening one, and waits for it then, bounded by the pool
 timeout. A failed ``ROLLBACK``, or no reply within the pool timeout, discards the connection.
 
@@ -20,7 +20,6 @@ only on a plain psycopg2 connection (no wait callback: gevent and eventlet keep 
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import ctypes
 import logging
@@ -28,7 +27,6 @@ import select
 import threading
 import time
 import typing as t
-from collections.abc import Iterator
 
 import psycopg2.extensions as ext  # type: ignore[import-untyped]
 import sqlalchemy as sa
@@ -80,14 +78,19 @@ _LIB = _libpq()
 AVAILABLE = driver.AVAILABLE and driver.CAN_END_TRANSACTIONS and _LIB is not None
 
 
-@contextlib.contextmanager
-def after_response() -> Iterator[None]:
-    """Inside: a rollback of a transaction sends its ROLLBACK without waiting for the reply."""
-    token = _AFTER_RESPONSE.set(True)
-    try:
-        yield
-    finally:
-        _AFTER_RESPONSE.reset(token)
+class after_response:  # noqa: N801 - used as a function: ``with after_response():``
+    """Inside: a rollback of a transaction sends its ROLLBACK without waiting for the reply.
+
+    A class rather than a generator-based context manager: it runs once per request.
+    """
+
+    __slots__ = ("_token",)
+
+    def __enter__(self) -> None:
+        self._token = _AFTER_RESPONSE.set(True)
+
+    def __exit__(self, *exc_info: object) -> None:
+        _AFTER_RESPONSE.reset(self._token)
 
 
 def install(engine: sa.Engine) -> None:
@@ -162,7 +165,9 @@ class SettlingQueuePool(QueuePool):
         self._settling_lock = threading.Lock()
 
     def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
-        if _SENT in record.info and not self._settle(record, wait=0.0):
+        # Its reply is not read here: sent a moment ago, it is rarely there yet, and the next
+        # checkout reads it anyway (one read a request instead of one and a half).
+        if _SENT in record.info:
             with self._settling_lock:
                 # At capacity a thread may be waiting on the queue: it gets this one, once ended.
                 if self._overflow < self._max_overflow or self._max_overflow < 0:
