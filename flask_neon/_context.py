@@ -56,6 +56,13 @@ class DatabaseContext:
             )
 
 
+def app_context_values() -> dict[str, t.Any]:
+    """The current app context's ``g``, as its dict: one proxy lookup for several reads and
+    writes (each ``g.name`` resolves the proxy again). Needs an app context."""
+    values: dict[str, t.Any] = vars(t.cast(t.Any, g)._get_current_object())
+    return values
+
+
 def check_setting(name: t.Any, value: t.Any) -> str:
     """The text ``set_config`` gets for ``value``; a config error naming a bad name or value."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
@@ -122,9 +129,10 @@ class ContextAPI:
     def _current_context(self) -> DatabaseContext | None:
         """The context of the transaction beginning now (None: none)."""
         explicit = _explicit.get()
-        if explicit is not None or not has_request_context() or self._context_function is None:
+        if explicit is not None or self._context_function is None or not has_request_context():
             return explicit
-        cached: DatabaseContext | object | None = g.get(_CACHE)
+        values = app_context_values()
+        cached: DatabaseContext | object | None = values.get(_CACHE)
         if isinstance(cached, DatabaseContext):
             return cached
         if cached is _COMPUTING:
@@ -137,7 +145,7 @@ class ContextAPI:
                 "verified token, the session cookie), or query under an explicit empty "
                 "context: with db.context(), db.engine.connect() as connection: ..."
             )
-        setattr(g, _CACHE, _COMPUTING)
+        values[_CACHE] = _COMPUTING
         try:
             found = self._context_function()
             if found is None:
@@ -150,9 +158,9 @@ class ContextAPI:
                 found = DatabaseContext()
             context = found if isinstance(found, DatabaseContext) else DatabaseContext(found)
         except BaseException:
-            g.pop(_CACHE, None)  # asked again by the next transaction, as the first time
+            values.pop(_CACHE, None)  # asked again by the next transaction, as the first time
             raise
-        setattr(g, _CACHE, context)
+        values[_CACHE] = context
         return context
 
 

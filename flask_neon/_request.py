@@ -19,9 +19,10 @@ import logging
 import typing as t
 
 import sqlalchemy as sa
-from flask import Flask, Response, g, has_app_context, request
+from flask import Flask, Response, has_app_context, request
 from sqlalchemy import orm
 
+from ._context import app_context_values
 from ._errors import classify
 from ._settling import after_response
 from ._state import NeonState
@@ -81,7 +82,7 @@ class RequestSessions:
         # The dict is in g before a maker runs: the test plugin's read maker asks for
         # db.session, which must land in the same dict.
         sessions: dict[Kind, orm.Session] = (
-            g.setdefault(_SESSIONS, {}) if has_app_context() else {}
+            app_context_values().setdefault(_SESSIONS, {}) if has_app_context() else {}
         )
         session = sessions.get(kind)
         if session is None:
@@ -98,7 +99,8 @@ class RequestSessions:
         transaction and the pooled connection open. Not for a ``direct_passthrough`` response
         (a file), whose close the server calls without the response's callbacks.
         """
-        if _SESSIONS not in g:
+        values = app_context_values()
+        if _SESSIONS not in values:
             return  # no session so far; one opened later (in teardown) ends at teardown
         size = response.content_length
         if (
@@ -110,7 +112,7 @@ class RequestSessions:
             return
         handoff = _Handoff(self._state(sender, what="teardown"))
         response.call_on_close(handoff.close)
-        setattr(g, _HANDOFF, handoff)
+        values[_HANDOFF] = handoff
 
     def _teardown(self, exc: BaseException | None) -> None:
         """End this app context's sessions: now, or through the response (see the module).
@@ -118,8 +120,9 @@ class RequestSessions:
         Anything not committed is rolled back. A broken connection is logged and discarded;
         teardown never raises into Flask.
         """
-        sessions: dict[Kind, orm.Session] = g.pop(_SESSIONS, None) or {}
-        handoff: _Handoff | None = g.pop(_HANDOFF, None)
+        values = app_context_values()
+        sessions: dict[Kind, orm.Session] = values.pop(_SESSIONS, None) or {}
+        handoff: _Handoff | None = values.pop(_HANDOFF, None)
         now = list(sessions.values())
         if handoff is not None and not handoff.done:
             # A session joined to an outside connection (the pytest plugin's) ends with it.
