@@ -131,9 +131,11 @@ def make_engine(
     elif per_transaction or context:
         _install_per_transaction_statements(engine, driver.FastBegin(per_transaction, context))
     # The pool checks a connection it hands out (a pool event would cost every checkout).
-    t.cast(MeasuredQueuePool, engine.pool).liveness = LivenessCheck(
-        engine.dialect, settings.ping_after_idle
+    liveness = LivenessCheck(
+        engine.dialect, settings.ping_after_idle, {**options, **extra}["pool_recycle"]
     )
+    liveness.install(engine)
+    t.cast(MeasuredQueuePool, engine.pool).liveness = liveness
     _install_connect_retry(engine, settings, url.secrets())
     _engines.add(engine)
     _install_process_hooks()

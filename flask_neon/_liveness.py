@@ -6,7 +6,9 @@ sends an error and closes the socket, so the socket of a dead idle connection is
 longer than ``DB_PING_AFTER_IDLE`` (when the peer may have vanished without a word) or one with
 unexpected input is pinged. A connection that fails is invalidated before it is handed out, and
 the pool's caller opens a fresh one in its place (as after a ``DisconnectionError`` raised
-from a checkout listener, without putting every checkout on SQLAlchemy's event path).
+from a checkout listener, without putting every checkout on SQLAlchemy's event path). One that
+SQLAlchemy replaces at this checkout anyway (older than ``pool_recycle``) is not checked: a
+check would cost a round trip, or wait on a peer that vanished, for nothing.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import typing as t
 
 import sqlalchemy as sa
 import sqlalchemy.exc as sa_exc
+from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry
 
+_CONNECTED = "flask_neon.connected"
 _LAST_CHECKIN = "flask_neon.last_checkin"
 _POLLER = "flask_neon.poller"
 
@@ -32,6 +36,16 @@ class LivenessCheck:
     dialect: sa.Dialect
     #: Seconds after which an idle connection is pinged (``DB_PING_AFTER_IDLE``).
     ping_after_idle: float
+    #: The engine's ``pool_recycle`` (-1: never).
+    recycle: float = -1
+
+    def install(self, engine: sa.Engine) -> None:
+        """Note when each connection of ``engine`` was opened (its age decides recycling)."""
+        event.listen(engine, "connect", self._connected)
+
+    def _connected(self, dbapi_connection: t.Any, record: ConnectionPoolEntry) -> None:
+        # time.time(), as SQLAlchemy's pool measures a connection's age for pool_recycle.
+        record.info[_CONNECTED] = time.time()
 
     def returned(self, record: ConnectionPoolEntry) -> None:
         record.info[_LAST_CHECKIN] = time.monotonic()
@@ -42,6 +56,9 @@ class LivenessCheck:
         dbapi_connection = record.dbapi_connection
         if last_checkin is None or dbapi_connection is None:
             return  # opened just now for this checkout, or to be opened
+        connected = record.info.get(_CONNECTED)
+        if connected is not None and 0 <= self.recycle < time.time() - connected:
+            return  # replaced by SQLAlchemy right after this, unchecked
         if dbapi_connection.closed:
             problem = "connection was closed while idle in the pool"
         elif not _has_input(dbapi_connection, record) and (

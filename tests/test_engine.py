@@ -169,6 +169,15 @@ def test_connection_idle_past_the_threshold_is_pinged(make_app: AppFactory) -> N
     assert pings[0] == 4  # every checkout but the first, which opened a fresh connection
 
 
+def test_a_connection_due_for_recycling_is_replaced_unchecked(make_app: AppFactory) -> None:
+    # Every checkout recycles (pool_recycle=0): checking the old connection first would cost a
+    # round trip (or a wait on a vanished peer) for a connection that is closed anyway.
+    app, db = make_app(DB_PING_AFTER_IDLE=0, DB_ENGINE_OPTIONS={"pool_recycle": 0})
+    pings = count_pings(db, app)
+    backends = {query(db, app, "SELECT pg_backend_pid()") for _ in range(5)}
+    assert (pings[0], len(backends)) == (0, 5)
+
+
 def test_terminated_idle_connections_are_never_handed_out(
     make_app: AppFactory, fresh_database: str
 ) -> None:
