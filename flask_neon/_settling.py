@@ -137,14 +137,16 @@ def _rollback_reply(dbapi_connection: t.Any, wait: float) -> str | None:
     deadline = time.monotonic() + wait
     failure = ""
     while True:
-        if not _LIB.PQconsumeInput(pgconn):
-            return str(_LIB.PQerrorMessage(pgconn).decode(errors="replace")).strip()
-        if _LIB.PQisBusy(pgconn):
+        # Read from the socket only while libpq lacks a whole message (PQgetResult would
+        # block): one receive for a reply that is there, a select() first when waiting.
+        while _LIB.PQisBusy(pgconn):
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining > 0:  # returns at once when the reply is there
+                select.select([dbapi_connection.fileno()], [], [], remaining)
+            if not _LIB.PQconsumeInput(pgconn):
+                return str(_LIB.PQerrorMessage(pgconn).decode(errors="replace")).strip()
+            if remaining <= 0 and _LIB.PQisBusy(pgconn):
                 return None
-            select.select([dbapi_connection.fileno()], [], [], remaining)
-            continue
         result = _LIB.PQgetResult(pgconn)
         if not result:
             break
