@@ -26,14 +26,20 @@ PostgreSQL to the other half (``--no-pin`` to let the scheduler place them): on 
 2-core machine that cut the spread of throughput between rounds a little (a median coefficient
 of variation of 10 % against 12 % over five runs of three rounds) and makes the comparison one
 of CPU cost per request in the app, at about 20 % less absolute throughput. On a shared machine,
-prefer ``--rounds 3``: the variants alternate and the medians are reported. The database is
-on loopback here, which understates what ``pool_pre_ping`` costs against a remote server such
-as Neon, where each ``SELECT 1`` is a network round trip added to every request.
+prefer ``--rounds 3``: the variants alternate and the medians are reported. Each run also
+reports the CPU gunicorn's processes used per request (from ``/proc``); it moves with the
+machine's load as much as requests/s do.
+
+By default the database is on loopback, which understates what ``pool_pre_ping`` costs
+against a remote server such as Neon, where each ``SELECT 1`` is a network round trip added to
+every request. ``--delay-ms 1`` puts it behind ``delay_proxy.py`` (in this process, on the load
+side's cores), 1 ms each way, as a Neon compute in the same region is.
 
 Reproduce (needs wrk: ``apt-get install wrk``)::
 
     python benchmarks/load_test.py                       # starts a throwaway local PostgreSQL
     BENCH_DB_URL=postgresql://... python benchmarks/load_test.py --duration 10 --json out.json
+    python benchmarks/load_test.py --rounds 4 --delay-ms 1   # the database a network hop away
 
 ``BENCH_DB_URL`` must be a scratch database: the example app's migrations are applied to it and
 notes 1..100 are inserted when missing. Exit status: 1 when a variant failed (an error in a
@@ -429,6 +435,18 @@ def gunicorn(
         print(message, file=sys.stderr)
 
 
+def delayed(url: str, delay_ms: float, stack: contextlib.ExitStack) -> str:
+    """``url`` through a :class:`~benchmarks.delay_proxy.DelayProxy` in this process (on the load
+    side's cores), closed with ``stack``."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.delay_proxy import DelayProxy
+
+    target = sa.make_url(url)
+    proxy = DelayProxy((target.host or "127.0.0.1", target.port or 5432), delay_ms / 1000)
+    stack.callback(proxy.close)
+    return proxy.url(url)
+
+
 def split_cores(pin: bool) -> tuple[list[int] | None, list[int] | None]:
     """(gunicorn's cores, the load side's cores), or (None, None) when not pinning."""
     if not pin or not hasattr(os, "sched_getaffinity"):
@@ -620,6 +638,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load")
     parser.add_argument("--rounds", type=int, default=1, help="alternating runs; medians")
     parser.add_argument("--no-pin", dest="pin", action="store_false", help="no CPU pinning")
+    parser.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0.0,
+        help="put the database behind a proxy delaying each direction by this much, as a "
+        "network hop (1: a Neon compute in the same region); 0: loopback (issue 15's set-up)",
+    )
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--no-targets", action="store_true", help="report only")
     args = parser.parse_args(argv)
@@ -644,10 +669,13 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{os.cpu_count()} CPUs, Python {platform.python_version()}, PostgreSQL "
             f"{server_version}{' (throwaway cluster)' if local else ''}, gunicorn on cores "
-            f"{server_cores or 'any'}, wrk and this script on {load_cores or 'any'}",
+            f"{server_cores or 'any'}, wrk and this script on {load_cores or 'any'}"
+            + (f", database {args.delay_ms:g} ms away each way" if args.delay_ms else ""),
             flush=True,
         )
         with contextlib.ExitStack() as stack:
+            if args.delay_ms:
+                url = delayed(url, args.delay_ms, stack)
             servers: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[str, int]] = {}
             for variant in VARIANTS:
                 if variant.server_key not in servers:
@@ -693,6 +721,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         settings = {
             "duration_s": args.duration,
+            "delay_ms": args.delay_ms,
             "rounds": args.rounds,
             "workers": WORKERS,
             "threads": THREADS,
