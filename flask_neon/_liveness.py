@@ -14,6 +14,7 @@ check would cost a round trip, or wait on a peer that vanished, for nothing.
 from __future__ import annotations
 
 import dataclasses
+import math
 import select
 import time
 import typing as t
@@ -26,6 +27,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 _CONNECTED = "flask_neon.connected"
 _LAST_CHECKIN = "flask_neon.last_checkin"
 _POLLER = "flask_neon.poller"
+_READABLE = select.POLLIN | select.POLLERR | select.POLLHUP if hasattr(select, "poll") else 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +79,26 @@ class LivenessCheck:
 def _has_input(dbapi_connection: t.Any, record: ConnectionPoolEntry) -> bool:
     """True when the server sent something to an idle connection, or closed it."""
     if not hasattr(select, "poll"):  # pragma: no cover - Windows
-        fd = dbapi_connection.fileno()
-        readable, _, errored = select.select([fd], [], [fd], 0)
-        return bool(readable or errored)
+        return wait_readable(dbapi_connection.fileno(), 0)
     # One poller per connection, registered once: the pool clears record.info when the
     # connection is replaced, so a new socket gets a new poller.
     poller = record.info.get(_POLLER)
     if poller is None:
         poller = select.poll()
-        poller.register(dbapi_connection.fileno(), select.POLLIN | select.POLLERR | select.POLLHUP)
+        poller.register(dbapi_connection.fileno(), _READABLE)
         record.info[_POLLER] = poller
     return bool(poller.poll(0))
+
+
+def wait_readable(fd: int, timeout: float) -> bool:
+    """True once ``fd`` can be read (or is closed, or failed) within ``timeout`` seconds.
+
+    With ``poll()`` where there is one: ``select()`` refuses descriptors above 1023, which a
+    process with many open files or sockets hands out.
+    """
+    if not hasattr(select, "poll"):  # pragma: no cover - Windows
+        readable, _, errored = select.select([fd], [], [fd], timeout)
+        return bool(readable or errored)
+    poller = select.poll()
+    poller.register(fd, _READABLE)
+    return bool(poller.poll(max(0, math.ceil(timeout * 1000))))

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextvars
 import ctypes
 import logging
-import select
 import threading
 import time
 import typing as t
@@ -33,6 +32,7 @@ import sqlalchemy as sa
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
 from . import driver
+from ._liveness import wait_readable
 
 log = logging.getLogger("flask_neon")
 
@@ -51,7 +51,7 @@ def _libpq() -> t.Any:
         import psycopg2._psycopg as module  # type: ignore[import-untyped]
 
         # PyDLL: calls keep the GIL. Each is a few microseconds and never blocks (the wait
-        # for a reply is a select()); CDLL would release and retake the GIL per call, and
+        # for a reply is a poll()); CDLL would release and retake the GIL per call, and
         # under load every release lets another request thread in.
         lib = ctypes.PyDLL(module.__file__)
         pointer = ctypes.c_void_p
@@ -138,11 +138,11 @@ def _rollback_reply(dbapi_connection: t.Any, wait: float) -> str | None:
     failure = ""
     while True:
         # Read from the socket only while libpq lacks a whole message (PQgetResult would
-        # block): one receive for a reply that is there, a select() first when waiting.
+        # block): one receive for a reply that is there, a poll() first when waiting.
         while _LIB.PQisBusy(pgconn):
             remaining = deadline - time.monotonic()
             if remaining > 0:  # returns at once when the reply is there
-                select.select([dbapi_connection.fileno()], [], [], remaining)
+                wait_readable(dbapi_connection.fileno(), remaining)
             if not _LIB.PQconsumeInput(pgconn):
                 return str(_LIB.PQerrorMessage(pgconn).decode(errors="replace")).strip()
             if remaining <= 0 and _LIB.PQisBusy(pgconn):

@@ -9,7 +9,7 @@ connection. Everything else is forwarded byte for byte to the real server.
 from __future__ import annotations
 
 import contextlib
-import select
+import selectors
 import socket
 import struct
 import threading
@@ -137,10 +137,14 @@ class FaultProxy:
     def _pump(self, client: socket.socket, server: socket.socket) -> None:
         sockets = [client, server]
         parser = _ClientStream(self.queries)
+        # A selector, not select(): it takes descriptors above 1023 (tests that open many).
+        selector = selectors.DefaultSelector()
         try:
+            for sock in sockets:
+                selector.register(sock, selectors.EVENT_READ)
             while not self._closed.is_set():
-                readable, _, _ = select.select(sockets, [], [], 0.5)
-                for sock in readable:
+                for key, _ in selector.select(0.5):
+                    sock = t.cast(socket.socket, key.fileobj)
                     data = sock.recv(65536)
                     if not data:
                         return
@@ -156,6 +160,7 @@ class FaultProxy:
         except (OSError, ValueError):
             return
         finally:
+            selector.close()
             for sock in sockets:
                 with contextlib.suppress(OSError):
                     sock.close()

@@ -9,6 +9,8 @@ once the ``ROLLBACK`` reaches the server all is as before: nothing uncommitted i
 from __future__ import annotations
 
 import contextlib
+import os
+import resource
 import threading
 import typing as t
 import uuid
@@ -276,12 +278,33 @@ def test_the_request_thread_does_not_wait_for_the_rollback_reply(
         assert server.errors == []
 
 
+@contextlib.contextmanager
+def descriptors_above(highest: int) -> Iterator[None]:
+    """Every file descriptor up to ``highest`` in use: sockets opened inside get higher ones."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < highest + 256:
+        pytest.skip(f"the open-file limit ({hard}) is too low to open {highest} descriptors")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, highest + 256), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY)]
+    try:
+        while fillers[-1] < highest:  # the lowest free one each time: the holes first
+            fillers.append(os.open(os.devnull, os.O_RDONLY))
+        yield
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("descriptors", ["low", "above 1023"])
 def test_at_capacity_the_next_request_gets_the_connection_once_its_rollback_ended(
-    database_url: str, proxy: FaultProxy, table: str
+    database_url: str, proxy: FaultProxy, table: str, descriptors: str
 ) -> None:
+    # "above 1023": the connection's socket is one select() refuses; the wait must not fail.
     tag = f"capacity-{uuid.uuid4().hex[:6]}"
     replies: list[t.Any] = []
-    with rollback_held(proxy, database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0) as (app, db):
+    high = descriptors_above(1023) if descriptors != "low" else contextlib.nullcontext()
+    with high, rollback_held(proxy, database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0) as (app, db):
         with LiveServer(app) as server:
             with released_at_the_end(proxy):
                 first = pid_of(server.get(f"/write/{tag}/uncommitted"))
@@ -293,6 +316,11 @@ def test_at_capacity_the_next_request_gets_the_connection_once_its_rollback_ende
             client.join(30)
             assert pid_of(replies[0]) == first  # the same connection, its transaction ended
             wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
+            with app.app_context():
+                raw = db.engine.raw_connection()
+                descriptor = raw.dbapi_connection.fileno()  # type: ignore[union-attr]
+                raw.close()
+            assert (descriptor > 1023) == (descriptors != "low")
         assert rows(database_url, tag) == 0
         assert server.errors == []
 
