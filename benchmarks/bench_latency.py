@@ -292,7 +292,7 @@ class Serving:
         bases = {}
         for peer in PEERS:
             context = gunicorn(peer, self.db_url, self.workdir, None, workers=1, threads=1)
-            bases[peer.name] = self._stack.enter_context(context)
+            bases[peer.name], _group = self._stack.enter_context(context)
         return bases
 
     def __exit__(self, *exc: object) -> None:
