@@ -107,12 +107,13 @@ def make_engine(
             "itself (use the DB_POOL_* settings)."
         )
     connect_args.update(extra.pop("connect_args", {}))
+    arguments = {**options, **extra}
     try:
         engine = sa.create_engine(
             url.to_sqlalchemy(),
             poolclass=MeasuredQueuePool,
             connect_args=connect_args,
-            **{**options, **extra},
+            **arguments,
         )
     except TypeError as exc:
         # SQLAlchemy names the arguments it does not know; nothing else is in the message.
@@ -131,9 +132,7 @@ def make_engine(
     elif per_transaction or context:
         _install_per_transaction_statements(engine, driver.FastBegin(per_transaction, context))
     # The pool checks a connection it hands out (a pool event would cost every checkout).
-    liveness = LivenessCheck(
-        engine.dialect, settings.ping_after_idle, {**options, **extra}["pool_recycle"]
-    )
+    liveness = LivenessCheck(engine.dialect, settings.ping_after_idle, arguments["pool_recycle"])
     liveness.install(engine)
     t.cast(MeasuredQueuePool, engine.pool).liveness = liveness
     _install_connect_retry(engine, settings, url.secrets())
