@@ -9,7 +9,10 @@ once with ``--large``, under
 
 * valgrind's callgrind: the instructions the process ran in user space (Python, SQLAlchemy,
   Flask, psycopg2, libpq); the same count each run, whatever else the machine does;
-* strace: the system calls it made (each a trip into the kernel: sends, receives, polls).
+* strace: the system calls it made (each a trip into the kernel: sends, receives, polls);
+* ``time.process_time()``: the CPU (user and kernel) a request takes, the cheapest of
+  ``CPU_REPEATS`` runs of ``CPU_REQUESTS`` requests: what the two counts above cost together.
+  Timed, so it moves with the machine's other tenants; the cheapest run is the least disturbed.
 
 With ``PYTHONHASHSEED=0`` in every run: Python seeds string hashing per process, which moves an
 instruction count by a few percent from one run to the next. And without address space
@@ -39,6 +42,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import typing as t
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -51,10 +55,13 @@ PEERS: dict[str, tuple[str, dict[str, str]]] = {
 }
 #: Requests every run makes before the counted ones start to matter (caches, the pool).
 WARMUP = 200
+#: Timed CPU: runs of CPU_REQUESTS requests, the cheapest counts (the others met other tenants).
+CPU_REPEATS = 7
+CPU_REQUESTS = 1000
 
 
-def serve(module: str, requests: int) -> None:
-    """In the child: ``requests`` + WARMUP reads of random notes, each closed as a server would."""
+def _request_loop(module: str) -> t.Callable[[int], None]:
+    """In the child: a function making N reads of random notes, each closed as a server would."""
     import importlib
     import random
 
@@ -75,29 +82,55 @@ def serve(module: str, requests: int) -> None:
     def start_response(status: str, headers: t.Any, exc_info: t.Any = None) -> None:
         statuses.append(status)
 
-    for index in range(WARMUP + requests):
-        body = app(dict(environs[index % NOTES]), start_response)
-        try:
-            for _ in body:
-                pass
-        finally:
-            close = getattr(body, "close", None)
-            if close is not None:
-                close()
-    failed = [status for status in statuses if not status.startswith("200")]
-    if failed:
-        sys.exit(f"{module}: {len(failed)} requests failed, e.g. {failed[0]}")
+    def run(requests: int) -> None:
+        for index in range(requests):
+            body = app(dict(environs[index % NOTES]), start_response)
+            try:
+                for _ in body:
+                    pass
+            finally:
+                close = getattr(body, "close", None)
+                if close is not None:
+                    close()
+        failed = [status for status in statuses if not status.startswith("200")]
+        if failed:
+            sys.exit(f"{module}: {len(failed)} requests failed, e.g. {failed[0]}")
+
+    return run
 
 
-def _child(module: str, requests: int) -> list[str]:
-    return [sys.executable, __file__, "--child", module, str(requests)]
+def serve(module: str, requests: int) -> None:
+    """In the child: ``requests`` + WARMUP reads (for callgrind and strace)."""
+    _request_loop(module)(WARMUP + requests)
 
 
-def _run(command: list[str], env: dict[str, str]) -> str:
+def time_cpu(module: str, requests: int) -> None:
+    """In the child: print the CPU (user + kernel) of the cheapest of CPU_REPEATS runs of
+    ``requests`` reads, in microseconds a request."""
+    run = _request_loop(module)
+    run(WARMUP)
+    best = float("inf")
+    for _ in range(CPU_REPEATS):
+        started = time.process_time()
+        run(requests)
+        best = min(best, time.process_time() - started)
+    print(best / requests * 1e6)
+
+
+def _child(module: str, requests: int, mode: str = "--child") -> list[str]:
+    return [sys.executable, __file__, mode, module, str(requests)]
+
+
+def _run(command: list[str], env: dict[str, str], output: str = "stderr") -> str:
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[:3])}... failed:\n{done.stderr[-2000:]}")
-    return done.stderr
+    return str(getattr(done, output))
+
+
+def cpu_microseconds(module: str, env: dict[str, str]) -> float:
+    """CPU per request in one process, the cheapest of CPU_REPEATS x CPU_REQUESTS requests."""
+    return float(_run(_child(module, CPU_REQUESTS, "--child-cpu"), env, "stdout"))
 
 
 def instructions(module: str, requests: int, env: dict[str, str], workdir: str) -> int:
@@ -128,10 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large", type=int, default=600, help="requests of the second run")
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--child", nargs=2, metavar=("MODULE", "REQUESTS"), help=argparse.SUPPRESS)
+    parser.add_argument("--child-cpu", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.child:
+    if args.child or args.child_cpu:
         sys.path.insert(0, str(ROOT))
-        serve(args.child[0], int(args.child[1]))
+        module, requests = args.child or args.child_cpu
+        (serve if args.child else time_cpu)(module, int(requests))
         return 0
     missing = [tool for tool in ("valgrind", "strace") if shutil.which(tool) is None]
     if missing:
@@ -163,19 +198,21 @@ def main(argv: list[str] | None = None) -> int:
                 small = count(module, args.small, env, workdir)
                 large = count(module, args.large, env, workdir)
                 per_request[label] = (large - small) / (args.large - args.small)
+            per_request["CPU us"] = cpu_microseconds(module, env)
             results[name] = per_request
             print(
                 f"{name:34} {per_request['instructions'] / 1000:9.0f} k instructions "
-                f"{per_request['system calls']:6.1f} system calls per request",
+                f"{per_request['system calls']:6.1f} system calls "
+                f"{per_request['CPU us']:6.0f} us CPU per request",
                 flush=True,
             )
     neon = results["flask-neon"]
     for name, result in results.items():
         if name != "flask-neon":
-            ratios = {key: neon[key] / result[key] for key in ("instructions", "system calls")}
+            ratios = {key: neon[key] / result[key] for key in result}
             print(
                 f"flask-neon / {name}: instructions {ratios['instructions']:.3f}, "
-                f"system calls {ratios['system calls']:.3f}"
+                f"system calls {ratios['system calls']:.3f}, CPU {ratios['CPU us']:.3f}"
             )
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2))

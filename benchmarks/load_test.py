@@ -20,15 +20,21 @@ gunicorn, all on the same PostgreSQL and the same ``notes`` table (100 seeded no
 
 The first two get ``wrk -c32`` on ``GET /notes/<id>`` (ids drawn at random from 1..100) and are
 compared by the median of each round's ratio (the two run back to back, in alternating order):
-the target is 1.15x Flask-SQLAlchemy's requests/s (``TARGET_RATIO``). With two or
-more cores, gunicorn is pinned to half of them and this script, wrk and a throwaway
-PostgreSQL to the other half (``--no-pin`` to let the scheduler place them): on a shared
-2-core machine that cut the spread of throughput between rounds a little (a median coefficient
-of variation of 10 % against 12 % over five runs of three rounds) and makes the comparison one
-of CPU cost per request in the app, at about 20 % less absolute throughput. On a shared machine,
-prefer ``--rounds 3``: the variants alternate and the medians are reported. Each run also
-reports the CPU gunicorn's processes used per request (from ``/proc``); it moves with the
-machine's load as much as requests/s do.
+the target is 1.15x Flask-SQLAlchemy's requests/s (``TARGET_RATIO``), with no error and memory
+flat: the workers' resident memory at the end of the last round at most 5 % above the one at
+the end of the first (``MEMORY_GROWTH_LIMIT``).
+
+The scheduler places gunicorn, wrk and PostgreSQL on the machine's cores, as issue 15's set-up
+has it: on loopback the database shares the machine, so the server's work per request (a ping
+is a statement) counts as the app's does. wrk opens its connections once and keeps them, and
+now and then gunicorn hands all of them to one worker: the other idles, a third of the machine
+with it, and requests/s halve, for either peer (3 of 32 runs in two load tests). Such a run
+measures gunicorn's accept, not the app: it is stopped once wrk's connections are open and run
+again (``connections per worker`` and the repeats are printed). ``--pin`` puts gunicorn on half
+the cores and everything else on the other half (the split then matters less): that compares
+the app's CPU alone. Each run also reports the CPU gunicorn's processes used per request and
+their resident memory (from ``/proc``); on a shared machine both move with its load as much as
+requests/s do, so prefer several ``--rounds``: the medians are reported.
 
 By default the database is on loopback, which understates what ``pool_pre_ping`` costs
 against a remote server such as Neon, where each ``SELECT 1`` is a network round trip added to
@@ -81,10 +87,17 @@ WORKERS = 2
 THREADS = 4
 #: flask-neon's requests/s over Flask-SQLAlchemy's with pool_pre_ping (issue 15's target).
 TARGET_RATIO = 1.15
+#: "Memory flat": the server's resident memory at the end of the last round may exceed the
+#: one at the end of the first round (after the warm-up) by this fraction at most.
+MEMORY_GROWTH_LIMIT = 0.05
 WRK_THREADS = 2
 #: wrk drops a request that takes longer than this from the latencies and counts a timeout.
 WRK_TIMEOUT_S = 10
 READY_TIMEOUT_S = 30.0
+#: How long wrk may take to open its connections before the split between workers is read.
+CONNECT_TIMEOUT_S = 5.0
+#: Runs of a compared variant repeated at most because a worker got no connection.
+UNBALANCED_RETRIES = 5
 STOP_TIMEOUT_S = 15.0
 #: The small pool's answers must all come within its pool timeout plus this margin.
 HANG_MARGIN_S = 3.0
@@ -144,6 +157,10 @@ STALL = dataclasses.replace(SMALL_POOL, name="flask-neon pool 2, 2.5 s stall", s
 VARIANTS = (NEON, FSQLA, SMALL_POOL, STALL)
 
 
+class UnbalancedRunError(Exception):
+    """gunicorn handed every connection of a run to some of its workers, leaving one idle."""
+
+
 class BenchmarkError(RuntimeError):
     pass
 
@@ -201,6 +218,12 @@ class WrkResult:
     statuses: dict[str, int]
     #: CPU seconds gunicorn's processes (master and workers) used during the run.
     cpu_s: float = 0.0
+    #: Resident memory of gunicorn's processes at the end of the run, in MiB.
+    rss_mib: float = 0.0
+    #: wrk's connections held by each gunicorn worker (read when they were all open).
+    connections_per_worker: list[int] = dataclasses.field(default_factory=list)
+    #: Runs discarded before this one because a worker had no connection.
+    unbalanced_runs: int = 0
 
     @property
     def cpu_us_per_request(self) -> float:
@@ -252,18 +275,56 @@ def parse_wrk(output: str) -> WrkResult:
     )
 
 
-def cpu_seconds(group: int) -> float:
-    """CPU seconds (user + system) used so far by the live processes of process group ``group``."""
-    ticks = 0
+def _group_stats(group: int) -> Iterator[tuple[list[str], pathlib.Path]]:
+    """For each live process of process group ``group``: its ``/proc/PID/stat`` fields after
+    the command name (state, ppid, pgrp, ...) and its ``/proc/PID`` folder."""
     for stat in pathlib.Path("/proc").glob("[0-9]*/stat"):
         try:
-            # After the command name in parentheses: state, ppid, pgrp, ... utime (14), stime (15).
             fields = stat.read_text().rpartition(")")[2].split()
         except OSError:  # gone meanwhile
             continue
         if int(fields[2]) == group:
-            ticks += int(fields[11]) + int(fields[12])
+            yield fields, stat.parent
+
+
+def cpu_seconds(group: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of process group ``group``."""
+    ticks = sum(int(fields[11]) + int(fields[12]) for fields, _ in _group_stats(group))
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def resident_mib(group: int) -> float:
+    """Resident memory (MiB) of the live processes of process group ``group``."""
+    pages = 0
+    for _, folder in _group_stats(group):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            pages += int((folder / "statm").read_text().split()[1])  # size, resident, ...
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def connections_per_worker(group: int, port: int) -> list[int]:
+    """Established TCP connections to ``port`` held by each worker of gunicorn's process
+    group ``group`` (its leader is the master, which holds none)."""
+    established = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table, encoding="ascii") as lines:
+            next(lines)  # header
+            for line in lines:
+                fields = line.split()
+                # local address "HEXIP:HEXPORT", state 01 = ESTABLISHED, inode is field 9
+                if fields[3] == "01" and int(fields[1].rpartition(":")[2], 16) == port:
+                    established.add(f"socket:[{fields[9]}]")
+    counts = []
+    for _, folder in _group_stats(group):
+        if int(folder.name) == group:
+            continue
+        held = 0
+        with contextlib.suppress(OSError):  # gone meanwhile
+            for fd in (folder / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    held += os.readlink(fd) in established
+        counts.append(held)
+    return sorted(counts)
 
 
 def run_wrk(
@@ -273,9 +334,12 @@ def run_wrk(
     script_dir: pathlib.Path,
     during: Callable[[], None] | None = None,
     server_group: int | None = None,
+    balanced: bool = False,
 ) -> WrkResult:
     """Run wrk against ``variant``; ``during`` is called once wrk has started. With
-    ``server_group`` (gunicorn's process group), the result has the CPU the server used."""
+    ``server_group`` (gunicorn's process group), the result has the CPU and memory the server
+    used, and how wrk's connections were split between its workers. With ``balanced``, a run
+    that leaves a worker without a connection is stopped at once: :class:`UnbalancedRunError`."""
     script = script_dir / f"{re.sub(r'[^a-z0-9]+', '_', variant.name)}.lua"
     script.write_text(
         WRK_SCRIPT.replace("PATH", json.dumps(variant.path)).replace("NOTES", str(NOTES))
@@ -292,7 +356,12 @@ def run_wrk(
     ]
     cpu_before = cpu_seconds(server_group) if server_group else 0.0
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    split: list[int] = []
     try:
+        if server_group:
+            split = _opened_split(server_group, base_url, variant.connections)
+            if balanced and 0 in split:
+                raise UnbalancedRunError(split)
         if during is not None:
             during()
         stdout, stderr = process.communicate(timeout=duration + WRK_TIMEOUT_S + 30)
@@ -305,7 +374,52 @@ def run_wrk(
     result = parse_wrk(stdout)
     if server_group:
         result.cpu_s = cpu_seconds(server_group) - cpu_before
+        result.rss_mib = resident_mib(server_group)
+        result.connections_per_worker = split
     return result
+
+
+def _opened_split(group: int, base_url: str, connections: int) -> list[int]:
+    """:func:`connections_per_worker` once wrk has opened its ``connections`` (or after
+    ``CONNECT_TIMEOUT_S``, as far as they are open then)."""
+    port = int(base_url.rpartition(":")[2])
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        split = connections_per_worker(group, port)
+        if sum(split) >= connections or time.monotonic() > deadline:
+            return split
+        time.sleep(0.02)
+
+
+def measured_run(
+    base_url: str,
+    variant: Variant,
+    duration: int,
+    workdir: pathlib.Path,
+    during: Callable[[], None] | None,
+    group: int,
+) -> WrkResult:
+    """One run of ``variant``; a compared one is repeated while gunicorn leaves a worker idle.
+
+    wrk opens its connections once, at the start, and keeps them; each gunicorn worker takes
+    what it accepts. Now and then one worker accepts all of them: the other idles, the machine
+    is a third idle and requests/s halve, for either peer. Such a run measures gunicorn's
+    accept, not the app, and would decide its round's ratio by chance: it is stopped as soon as
+    the connections are open and run again (counted in ``unbalanced_runs``).
+    """
+    for unbalanced in range(UNBALANCED_RETRIES + 1):
+        try:
+            result = run_wrk(
+                base_url, variant, duration, workdir, during, group, balanced=variant.main
+            )
+        except UnbalancedRunError:
+            continue
+        result.unbalanced_runs = unbalanced
+        return result
+    raise BenchmarkError(
+        f"{variant.name}: in {UNBALANCED_RETRIES + 1} runs a gunicorn worker got none of "
+        "wrk's connections"
+    )
 
 
 def stall(db_url: str, after_s: float, seconds: float) -> None:
@@ -542,6 +656,8 @@ def summarize(runs: list[WrkResult]) -> dict[str, t.Any]:
         "requests_per_s_min": min(rates),
         "requests_per_s_max": max(rates),
         "cpu_us_per_request": statistics.median(run.cpu_us_per_request for run in runs),
+        "rss_mib_first": runs[0].rss_mib,
+        "rss_mib_last": runs[-1].rss_mib,
         "p50_ms": statistics.median(run.p50_ms for run in runs),
         "p99_ms": statistics.median(run.p99_ms for run in runs),
         "max_ms": max(run.max_ms for run in runs),
@@ -589,6 +705,13 @@ def check(summary: dict[str, dict[str, t.Any]], ratio: float) -> tuple[list[str]
             if others:
                 failures.append(f"{variant.name}: answers other than 200 and 503: {others}")
     missed = []
+    for variant in (NEON, FSQLA):
+        first, last = summary[variant.name]["rss_mib_first"], summary[variant.name]["rss_mib_last"]
+        if last > first * (1 + MEMORY_GROWTH_LIMIT):
+            missed.append(
+                f"{variant.name}: resident memory grew from {first:.1f} to {last:.1f} MiB "
+                f"(more than {MEMORY_GROWTH_LIMIT:.0%})"
+            )
     if ratio < TARGET_RATIO:
         missed.append(f"flask-neon / Flask-SQLAlchemy throughput {ratio:.3f} < {TARGET_RATIO}")
     return failures, missed
@@ -600,7 +723,8 @@ def report(
     spread = rounds > 1
     print(
         f"\n{'variant':32} {'req/s':>9}{'  (min-max)' if spread else ''} {'p50 ms':>8} "
-        f"{'p99 ms':>8} {'max ms':>8} {'errors':>7} {'503':>6} {'CPU us/req':>10}"
+        f"{'p99 ms':>8} {'max ms':>8} {'errors':>7} {'503':>6} {'CPU us/req':>10} "
+        f"{'RSS MiB':>15}"
     )
     for name, result in summary.items():
         rate_range = (
@@ -611,7 +735,8 @@ def report(
         print(
             f"{name:32} {result['requests_per_s']:9.1f}{rate_range} {result['p50_ms']:8.2f} "
             f"{result['p99_ms']:8.2f} {result['max_ms']:8.1f} {result['errors']:7d} "
-            f"{result['statuses'].get('503', 0):6d} {result['cpu_us_per_request']:10.0f}"
+            f"{result['statuses'].get('503', 0):6d} {result['cpu_us_per_request']:10.0f} "
+            f"{result['rss_mib_first']:7.1f}->{result['rss_mib_last']:5.1f}"
         )
     print(
         f"\nthroughput flask-neon / Flask-SQLAlchemy pre_ping, median of the rounds: "
@@ -637,13 +762,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
     parser.add_argument("--warmup", type=int, default=2, help="seconds of unmeasured load")
     parser.add_argument("--rounds", type=int, default=1, help="alternating runs; medians")
-    parser.add_argument("--no-pin", dest="pin", action="store_false", help="no CPU pinning")
+    parser.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="gunicorn on half the cores, wrk, PostgreSQL and this script on the other half: "
+        "the app's CPU alone decides (default: the scheduler places everything, as issue 15's "
+        "set-up)",
+    )
     parser.add_argument(
         "--delay-ms",
         type=float,
         default=0.0,
         help="put the database behind a proxy delaying each direction by this much, as a "
         "network hop (1: a Neon compute in the same region); 0: loopback (issue 15's set-up)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=WORKERS, help="gunicorn workers (issue 15's set-up: 2)"
+    )
+    parser.add_argument(
+        "--threads", type=int, default=THREADS, help="threads a worker (issue 15's set-up: 4)"
     )
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--no-targets", action="store_true", help="report only")
@@ -668,8 +806,9 @@ def main(argv: list[str] | None = None) -> int:
         server_version = prepare(url)
         print(
             f"{os.cpu_count()} CPUs, Python {platform.python_version()}, PostgreSQL "
-            f"{server_version}{' (throwaway cluster)' if local else ''}, gunicorn on cores "
-            f"{server_cores or 'any'}, wrk and this script on {load_cores or 'any'}"
+            f"{server_version}{' (throwaway cluster)' if local else ''}, gunicorn "
+            f"{args.workers} x {args.threads} on cores {server_cores or 'any'}, wrk and this "
+            f"script on {load_cores or 'any'}"
             + (f", database {args.delay_ms:g} ms away each way" if args.delay_ms else ""),
             flush=True,
         )
@@ -680,7 +819,7 @@ def main(argv: list[str] | None = None) -> int:
             for variant in VARIANTS:
                 if variant.server_key not in servers:
                     servers[variant.server_key] = stack.enter_context(
-                        gunicorn(variant, url, workdir, server_cores)
+                        gunicorn(variant, url, workdir, server_cores, args.workers, args.threads)
                     )
                     base_url = servers[variant.server_key][0]
                     if args.warmup:
@@ -693,13 +832,20 @@ def main(argv: list[str] | None = None) -> int:
                     if variant.stall_s is not None:
                         during = functools.partial(stall, url, args.duration / 3, variant.stall_s)
                     base_url, group = servers[variant.server_key]
-                    result = run_wrk(base_url, variant, args.duration, workdir, during, group)
+                    result = measured_run(base_url, variant, args.duration, workdir, during, group)
                     runs[variant.name].append(result)
                     print(
                         f"round {index + 1}/{args.rounds} {variant.name}: "
                         f"{result.requests_per_s:.1f} req/s, p50 {result.p50_ms:.2f} ms, "
                         f"p99 {result.p99_ms:.2f} ms, errors {result.errors}, "
-                        f"server CPU {result.cpu_us_per_request:.0f} us/request",
+                        f"server CPU {result.cpu_us_per_request:.0f} us/request, "
+                        f"resident {result.rss_mib:.1f} MiB, connections per worker "
+                        f"{result.connections_per_worker}"
+                        + (
+                            f" ({result.unbalanced_runs} unbalanced runs repeated)"
+                            if result.unbalanced_runs
+                            else ""
+                        ),
                         flush=True,
                     )
 
@@ -723,8 +869,8 @@ def main(argv: list[str] | None = None) -> int:
             "duration_s": args.duration,
             "delay_ms": args.delay_ms,
             "rounds": args.rounds,
-            "workers": WORKERS,
-            "threads": THREADS,
+            "workers": args.workers,
+            "threads": args.threads,
             "wrk_threads": WRK_THREADS,
             "variants": [dataclasses.asdict(variant) for variant in VARIANTS],
         }
