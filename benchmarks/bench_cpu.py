@@ -121,23 +121,23 @@ def _child(module: str, requests: int, mode: str = "--child") -> list[str]:
     return [sys.executable, __file__, mode, module, str(requests)]
 
 
-def _run(command: list[str], env: dict[str, str], output: str = "stderr") -> str:
+def _run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(command, env=env, capture_output=True, text=True, cwd=ROOT)
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command[:3])}... failed:\n{done.stderr[-2000:]}")
-    return str(getattr(done, output))
+    return done
 
 
 def cpu_microseconds(module: str, env: dict[str, str]) -> float:
     """CPU per request in one process, the cheapest of CPU_REPEATS x CPU_REQUESTS requests."""
-    return float(_run(_child(module, CPU_REQUESTS, "--child-cpu"), env, "stdout"))
+    return float(_run(_child(module, CPU_REQUESTS, "--child-cpu"), env).stdout)
 
 
 def instructions(module: str, requests: int, env: dict[str, str], workdir: str) -> int:
     out = os.path.join(workdir, "callgrind.out")
     fixed_addresses = ["setarch", "-R"] if shutil.which("setarch") else []
     command = [*fixed_addresses, "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-    stderr = _run([*command, *_child(module, requests)], env)
+    stderr = _run([*command, *_child(module, requests)], env).stderr
     found = re.search(r"Collected : (\d+)", stderr)
     if found is None:
         raise SystemExit(f"no instruction count in callgrind's output:\n{stderr[-2000:]}")
