@@ -399,14 +399,9 @@ def measured_run(
     during: Callable[[], None] | None,
     group: int,
 ) -> WrkResult:
-    """One run of ``variant``; a compared one is repeated while gunicorn leaves a worker idle.
-
-    wrk opens its connections once, at the start, and keeps them; each gunicorn worker takes
-    what it accepts. Now and then one worker accepts all of them: the other idles, the machine
-    is a third idle and requests/s halve, for either peer. Such a run measures gunicorn's
-    accept, not the app, and would decide its round's ratio by chance: it is stopped as soon as
-    the connections are open and run again (counted in ``unbalanced_runs``).
-    """
+    """One run of ``variant``; a compared one is run again while gunicorn leaves a worker
+    without a connection (see the module's docstring), the repeats counted in
+    ``unbalanced_runs``."""
     for unbalanced in range(UNBALANCED_RETRIES + 1):
         try:
             result = run_wrk(
