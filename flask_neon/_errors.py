@@ -76,13 +76,16 @@ class _Rule:
     name: str
     title: str
     hint: str
-    transient: bool = False
+    # Said by every rule: whether waiting and trying again can succeed (see ErrorCause).
+    transient: bool
     sqlstates: tuple[str, ...] = ()
     patterns: tuple[str, ...] = ()
 
 
 # Order matters: the first rule that matches wins, so specific messages come before broad ones
-# (a TLS failure also mentions the server closing the connection, for example).
+# (a TLS failure also mentions the server closing the connection, for example). Patterns are
+# matched against the lowered message; the server's messages are assumed untranslated
+# (lc_messages C), and psycopg2 gives no SQLSTATE for a failed connect, only the text.
 _RULES: tuple[_Rule, ...] = (
     _Rule(
         "pool_exhausted",
@@ -106,6 +109,7 @@ _RULES: tuple[_Rule, ...] = (
         "Neon could not tell which endpoint to connect to",
         "The client library does not send SNI. Upgrade psycopg2-binary (>= 2.9.10), or add "
         "options=endpoint%3D<endpoint-id> to DB_URL.",
+        transient=False,
         patterns=(r"endpoint id is not specified", r"inconsistent project name"),
     ),
     _Rule(
@@ -113,6 +117,7 @@ _RULES: tuple[_Rule, ...] = (
         "The connection pooler rejected a startup parameter",
         "PgBouncer only accepts a few startup parameters. Remove 'options' from DB_URL, or set "
         "DB_POOLED=true so flask-neon sends the session limits per transaction instead.",
+        transient=False,
         patterns=(r"unsupported startup parameter",),
     ),
     _Rule(
@@ -120,6 +125,7 @@ _RULES: tuple[_Rule, ...] = (
         "Password authentication failed",
         "Check the user name and password in DB_URL (on Neon: reset the role's password in the "
         "console and copy the new connection string).",
+        transient=False,
         sqlstates=("28P01",),
         patterns=(r"password authentication failed", r"no password supplied"),
     ),
@@ -127,12 +133,14 @@ _RULES: tuple[_Rule, ...] = (
         "role_missing",
         "The role does not exist",
         "Check the user name in DB_URL, or create the role.",
+        transient=False,
         patterns=(r'role "[^"]*" does not exist',),
     ),
     _Rule(
         "database_missing",
         "The database does not exist",
         "Check the database name at the end of DB_URL, or create the database.",
+        transient=False,
         sqlstates=("3D000",),
         patterns=(r'database "[^"]*" does not exist',),
     ),
@@ -141,6 +149,7 @@ _RULES: tuple[_Rule, ...] = (
         "The server certificate does not verify",
         "With sslmode=verify-full or verify-ca the server certificate must be signed by the CA "
         "in sslrootcert (or the system store with sslrootcert=system) and match the host name.",
+        transient=False,
         patterns=(
             r"certificate verify failed",
             r"server certificate for .* does not match host name",
@@ -153,6 +162,7 @@ _RULES: tuple[_Rule, ...] = (
         "TLS is required but not in use",
         "Neon refuses plaintext: add sslmode=require (better: verify-full) to DB_URL. If the "
         "server has no TLS at all, it cannot serve a client that requires it.",
+        transient=False,
         patterns=(
             r"connection is insecure",
             r"server does not support ssl, but ssl was required",
@@ -171,16 +181,22 @@ _RULES: tuple[_Rule, ...] = (
         "too_many_connections",
         "The server has no connection slots left",
         "Workers x (DB_POOL_SIZE + DB_MAX_OVERFLOW) must stay under max_connections (Neon: 104 "
-        "at 0.25 CU, 419 at 1 CU). Lower the pool, use the -pooler host, or a larger compute.",
+        "at 0.25 CU, 419 at 1 CU), and under the role's or the database's CONNECTION LIMIT if "
+        "the message names one. Lower the pool, use the -pooler host, or a larger compute.",
         transient=True,
         sqlstates=("53300",),
-        patterns=(r"remaining connection slots are reserved", r"too many clients already"),
+        patterns=(
+            r"remaining connection slots are reserved",
+            r"too many clients already",
+            r"too many connections for (role|database)",
+        ),
     ),
     _Rule(
         "statement_timeout",
         "The statement was cancelled by statement_timeout",
         "The query ran longer than DB_STATEMENT_TIMEOUT. Make it faster (an index?), or raise "
         "the limit for this work.",
+        transient=False,
         sqlstates=("57014",),
         patterns=(r"canceling statement due to statement timeout",),
     ),
@@ -197,6 +213,7 @@ _RULES: tuple[_Rule, ...] = (
         "read_only",
         "A write was sent to a read-only server",
         "Send writes to the primary (db.session), not to the read replica.",
+        transient=False,
         sqlstates=("25006",),
         patterns=(r"read-only transaction",),
     ),
@@ -224,21 +241,68 @@ _RULES: tuple[_Rule, ...] = (
         transient=True,
         patterns=(r"timeout expired", r"timed out"),
     ),
+    # What the server answers a connect while it is not serving (SQLSTATE 57P03,
+    # cannot_connect_now): one rule for starting and recovering, one for shutting down.
+    _Rule(
+        "server_starting",
+        "The database server is starting up or recovering",
+        "It accepts connections once it is ready. After a crash or an immediate shutdown it "
+        "first replays the write-ahead log written since its last checkpoint, which takes "
+        "longer the larger max_wal_size and checkpoint_timeout are. Connects are retried and "
+        "requests answered 503 with Retry-After meanwhile. If it lasts on a standby (read "
+        "replica), the standby has not reached a consistent state yet, or its hot_standby "
+        "setting is off.",
+        transient=True,
+        sqlstates=("57P03",),
+        patterns=(
+            r"the database system is starting up",
+            r"the database system is not yet accepting connections",
+            r"the database system is not accepting connections",
+            r"the database system is in recovery mode",
+        ),
+    ),
+    _Rule(
+        "server_shutting_down",
+        "The database server is shutting down",
+        "It accepts no new connection while it stops (a restart, a failover, maintenance). "
+        "Connects are retried and requests answered 503 with Retry-After meanwhile; if it does "
+        "not come back, start it again.",
+        transient=True,
+        sqlstates=("57P03",),
+        patterns=(r"the database system is shutting down",),
+    ),
+    _Rule(
+        "recovery_conflict",
+        "The standby cancelled the query to go on replaying the primary's changes",
+        "On a hot standby (read replica), a query or a session held something the replay "
+        "had to remove (row versions, a lock, a dropped database) longer than "
+        "max_standby_streaming_delay allows. Retry; for long reads on the replica raise "
+        "max_standby_streaming_delay or turn hot_standby_feedback on.",
+        transient=True,
+        sqlstates=("57P04",),
+        patterns=(r"due to conflict with recovery",),
+    ),
     _Rule(
         "connection_lost",
         "The connection to the server was lost",
-        "The server closed the connection (restart, Neon suspend, terminated backend). "
-        "flask-neon discards such connections; retry the request.",
+        "The server closed the connection: a restart or an immediate shutdown, a crash (the "
+        "server then ends every session and recovers), a Neon suspend, a terminated backend, "
+        "idle_session_timeout. flask-neon discards such connections; retry the request.",
         transient=True,
-        sqlstates=("57P01", "57P02", "57P03", "08006", "08003", "08001", "08000"),
+        sqlstates=("57P01", "57P02", "57P05", "08006", "08003", "08001", "08000"),
         patterns=(
             r"server closed the connection unexpectedly",
             r"terminating connection due to administrator command",
+            r"terminating connection due to immediate shutdown command",
+            r"terminating connection because of crash of another server process",
+            r"terminating connection because of unexpected sigquit signal",
+            r"terminating connection due to unexpected postmaster exit",
+            r"postmaster exited during a parallel transaction",
+            r"terminating connection due to idle-session timeout",
             r"ssl syscall error",
             r"connection already closed",
             r"could not receive data from server",
             r"could not send data to server",
-            r"the database system is (starting up|shutting down|in recovery mode)",
             r"connection reset by peer",
             r"broken pipe",
         ),
@@ -249,6 +313,7 @@ _UNKNOWN = _Rule(
     "unknown",
     "The database reported an error",
     "See the detail above; flask-neon does not recognise this failure.",
+    transient=False,
 )
 
 
@@ -266,9 +331,11 @@ def classify(exc: BaseException, secrets: t.Iterable[str] = ()) -> ErrorCause:
     text = str(driver).split("\n[SQL:", 1)[0]
     sqlstate = getattr(driver, "pgcode", None)
     lowered = text.lower()
-    rule = next((r for r in _RULES if sqlstate and sqlstate in r.sqlstates), None) or next(
-        (r for r in _RULES if any(re.search(p, lowered) for p in r.patterns)), _UNKNOWN
-    )
+    by_code = [r for r in _RULES if sqlstate and sqlstate in r.sqlstates]
+    by_text = [r for r in _RULES if any(re.search(p, lowered) for p in r.patterns)]
+    # The SQLSTATE decides, and the text tells apart the causes that share one (57P03 is
+    # "starting up" and "shutting down" alike); a message without a known code goes by its text.
+    rule = next(iter([r for r in by_code if r in by_text] or by_code or by_text), _UNKNOWN)
     detail = mask_secrets(" ".join(text.split()), secrets)
     sqlstate = sqlstate if isinstance(sqlstate, str) else None
     return ErrorCause(rule.name, rule.title, rule.hint, detail, rule.transient, sqlstate)
