@@ -15,8 +15,7 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 from sqlalchemy import orm
 
-from . import _timing, driver
-from ._context import context_sql
+from . import _timing, drivers
 from ._engine import make_engine
 from ._errors import NeonConfigError
 from ._monitoring import PoolMonitor, install_slow_query_log
@@ -95,14 +94,16 @@ def build_state(
             else {**engine_options, **options},
             options_setting="DB_ENGINE_OPTIONS" if options is None else url.setting,
             # Each transaction's settings and role (@db.request_context, db.context()).
-            context=lambda connection: context_sql(db._current_context(), connection),
+            context=db._current_context,
         )
         monitor = PoolMonitor(config.max_overflow, leak_threshold)
         monitor.install(engine)
         if settings.slow_query_ms:
             install_slow_query_log(engine, settings.slow_query_ms)
         if settings.server_timing:
-            _timing.install(engine, begin_is_free=settings.fast_begin and driver.AVAILABLE)
+            driver = drivers.for_dialect(engine.dialect)
+            fast = settings.fast_begin and driver is not None and driver.FAST_BEGIN
+            _timing.install(engine, begin_is_free=fast)
         if settings.metrics and url is urls.primary:
             from ._metrics import install_metrics  # prometheus_client only when asked for
 

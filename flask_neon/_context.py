@@ -3,11 +3,11 @@
 Multi-tenant apps put the tenant or user in a setting that row-level security policies read
 (``current_setting('app.tenant_id', true)``; Neon's ``auth.user_id()`` reads
 ``request.jwt.claims``). A plain ``SET`` would outlive the request on a pooled connection and,
-through a transaction-mode pooler, reach another client. flask-neon applies the settings with
-``set_config(name, value, true)`` and the role with ``SET LOCAL ROLE``: they end with their
-transaction. They travel in the message that carries ``BEGIN`` and the transaction's first
-statement, so they cost no round trip, and they are applied to every transaction of the
-request, also the ones after a ``commit()``.
+through a transaction-mode pooler, reach another client. flask-neon applies the settings and
+the role with ``SET LOCAL``: they end with their transaction. They travel in the message that
+carries ``BEGIN`` and the transaction's first statement where fast BEGIN may, so they cost no
+round trip, and they are applied to every transaction of the request, also the ones after a
+``commit()``. A statement never runs without them (``_transactions``).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from ._errors import NeonConfigError, NeonStateError
 
 #: A custom setting: two or more identifiers joined by dots, as PostgreSQL requires.
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_$]*(\.[A-Za-z_][A-Za-z0-9_$]*)+")
+_NAME_PART_BYTES = 63  # NAMEDATALEN - 1
 _CACHE = "_flask_neon_db_context"
 _COMPUTING = "_flask_neon_db_context_computing"
 _explicit: contextvars.ContextVar[DatabaseContext | None] = contextvars.ContextVar(
@@ -46,14 +47,39 @@ class DatabaseContext:
 
     settings: Mapping[str, t.Any] = dataclasses.field(default_factory=dict)
     role: str | None = None
+    #: The statements that apply it at the start of a transaction ("" for none), each followed
+    #: by "; ". ``SET LOCAL`` ends with the transaction and, unlike a query, takes no snapshot
+    #: (a first statement ``SET TRANSACTION ISOLATION LEVEL`` still works after it).
+    statements: str = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        for name, value in self.settings.items():
-            check_setting(name, value)
-        if self.role is not None and (not isinstance(self.role, str) or not self.role):
-            raise NeonConfigError(
-                f"the database context's role must be a role name, not {self.role!r}"
-            )
+        parts = [
+            f"SET LOCAL {_identifier_path(name)} = {_literal(check_setting(name, value))}"
+            for name, value in self.settings.items()
+        ]
+        if self.role is not None:
+            if not isinstance(self.role, str) or not self.role or "\x00" in self.role:
+                raise NeonConfigError(
+                    "the database context's role must be a role name (no NUL character), "
+                    f"not {self.role!r}"
+                )
+            parts.append(f"SET LOCAL ROLE {_identifier(self.role)}")
+        object.__setattr__(self, "statements", "".join(f"{part}; " for part in parts))
+
+
+def _identifier(name: str) -> str:
+    # PostgreSQL's quoted identifier: any character but NUL, a double quote doubled.
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _identifier_path(name: str) -> str:
+    # app.tenant_id -> "app"."tenant_id": each part quoted, so that a keyword (user) is a name.
+    return ".".join(_identifier(part) for part in name.split("."))
+
+
+def _literal(text: str) -> str:
+    # An escape string constant reads the same whatever standard_conforming_strings says.
+    return "E'" + text.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
 def app_context_values() -> dict[str, t.Any]:
@@ -64,25 +90,39 @@ def app_context_values() -> dict[str, t.Any]:
 
 
 def check_setting(name: t.Any, value: t.Any) -> str:
-    """The text ``set_config`` gets for ``value``; a config error naming a bad name or value."""
+    """The text the setting ``name`` gets for ``value``; a config error naming a bad name or
+    value."""
     if not isinstance(name, str) or not _NAME.fullmatch(name):
         raise NeonConfigError(
             f"database context setting {name!r}: a custom setting needs a prefix and a name "
             "made of letters, digits and _ joined by dots, e.g. 'app.tenant_id'."
         )
+    if any(len(part.encode()) > _NAME_PART_BYTES for part in name.split(".")):
+        raise NeonConfigError(
+            f"database context setting {name!r}: each part of the name may have at most "
+            f"{_NAME_PART_BYTES} characters (PostgreSQL cuts longer names)."
+        )
     if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (str, int, float)):
-        return str(value)
-    if isinstance(value, dict):
+        text = "true" if value else "false"
+    elif isinstance(value, (str, int, float)):
+        text = str(value)
+    elif isinstance(value, dict):
         try:
-            return json.dumps(value, separators=(",", ":"))
+            text = json.dumps(value, separators=(",", ":"))
         except (TypeError, ValueError) as exc:
             raise NeonConfigError(f"database context setting {name!r}: {exc}") from None
-    raise NeonConfigError(
-        f"database context setting {name!r}: {type(value).__name__} values are not allowed; "
-        "use a string, a number, a boolean or a dict (sent as JSON), or leave the setting out."
-    )
+    else:
+        raise NeonConfigError(
+            f"database context setting {name!r}: {type(value).__name__} values are not "
+            "allowed; use a string, a number, a boolean or a dict (sent as JSON), or leave "
+            "the setting out."
+        )
+    if "\x00" in text:
+        raise NeonConfigError(
+            f"database context setting {name!r}: the value holds a NUL character, which "
+            "PostgreSQL cannot store in a setting."
+        )
+    return text
 
 
 ContextFunction = Callable[[], "DatabaseContext | Mapping[str, t.Any] | None"]
@@ -162,32 +202,3 @@ class ContextAPI:
             raise
         values[_CACHE] = context
         return context
-
-
-def context_sql(context: DatabaseContext | None, connection: t.Any) -> str:
-    """The statements that apply ``context`` to a transaction, values quoted by psycopg2."""
-    if context is None or (not context.settings and context.role is None):
-        return ""
-    import psycopg2.extensions as ext  # type: ignore[import-untyped]
-
-    cursor = connection.cursor()
-    try:
-        parts = []
-        if context.settings:
-            # Placeholders only: the names and values travel as psycopg2's quoted literals.
-            query = "SELECT " + ", ".join(["set_config(%s, %s, true)"] * len(context.settings))
-            values: list[str] = []
-            for name, value in context.settings.items():
-                values += [name, check_setting(name, value)]
-            parts.append(cursor.mogrify(query, values).decode(_encoding(connection)))
-        if context.role is not None:
-            parts.append(f"SET LOCAL ROLE {ext.quote_ident(context.role, cursor)}")
-        return "".join(f"{part}; " for part in parts)
-    finally:
-        cursor.close()
-
-
-def _encoding(connection: t.Any) -> str:
-    import psycopg2.extensions as ext
-
-    return str(ext.encodings.get(connection.encoding, "utf-8"))

@@ -26,13 +26,15 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from . import _settling, driver
+from . import _settling, drivers
+from ._context import DatabaseContext
 from ._errors import NeonConfigError, classify
 from ._liveness import LivenessCheck
 from ._monitoring import MeasuredQueuePool
 from ._profiles import PoolConfig
 from ._retry import Backoff
 from ._settings import NeonSettings
+from ._transactions import TransactionOpener
 from ._url import DatabaseURL
 
 log = logging.getLogger("flask_neon")
@@ -70,13 +72,13 @@ def make_engine(
     application_name: str = "flask-neon",
     engine_options: t.Mapping[str, t.Any] | None = None,
     options_setting: str = "DB_ENGINE_OPTIONS",
-    context: t.Callable[[t.Any], str] | None = None,
+    context: t.Callable[[], DatabaseContext | None] | None = None,
 ) -> sa.Engine:
     """Create one engine of an app. Call once per app and process; never per request.
 
     ``engine_options`` (default: ``DB_ENGINE_OPTIONS``) go to ``create_engine`` over the
-    profile's; errors about them name ``options_setting``. ``context`` gives each transaction's
-    per-request SQL (``flask_neon.driver.FastBegin``).
+    profile's; errors about them name ``options_setting``. ``context`` gives the database context
+    of the transaction beginning now (``flask_neon._transactions``).
     """
     mode = limits_mode(settings, pooled)
     limits = limit_parameters(settings)
@@ -125,12 +127,14 @@ def make_engine(
         if mode == "transaction"
         else ""
     )
-    if settings.fast_begin and driver.AVAILABLE:
-        # They travel with BEGIN and the first statement (flask_neon.driver): no round trip.
-        driver.install(engine, per_transaction, context)
-        _settling.install(engine)  # and the ROLLBACK after a response without waiting
-    elif per_transaction or context:
-        _install_per_transaction_statements(engine, driver.FastBegin(per_transaction, context))
+    driver = drivers.for_dialect(engine.dialect)
+    if driver is not None:
+        # The limits and the context travel with BEGIN and the first statement where that is
+        # identical (fast BEGIN), or follow the driver's own BEGIN.
+        opener = TransactionOpener(driver, per_transaction, context, fast=settings.fast_begin)
+        opener.install(engine)
+        if opener.fast:
+            _settling.install(engine, driver)  # and the ROLLBACK after a response, not waited for
     # The pool checks a connection it hands out (a pool event would cost every checkout).
     liveness = LivenessCheck(engine.dialect, settings.ping_after_idle, arguments["pool_recycle"])
     liveness.install(engine)
@@ -156,17 +160,6 @@ def _connect_args(
         "keepalives_count": 3,
     }
     return {key: value for key, value in defaults.items() if key not in query}
-
-
-def _install_per_transaction_statements(engine: sa.Engine, fast: driver.FastBegin) -> None:
-    @event.listens_for(engine, "begin")
-    def _set_local(connection: sa.Connection) -> None:
-        statements = fast.statements(connection.connection.dbapi_connection)
-        if statements:
-            # The statement that opened the transaction may ask for a server-side cursor;
-            # these must not inherit that (a SET cannot be DECLAREd).
-            options = {"stream_results": False}
-            connection.exec_driver_sql(statements, execution_options=options)
 
 
 def _install_connect_retry(engine: sa.Engine, settings: NeonSettings, secrets: list[str]) -> None:

@@ -3,10 +3,9 @@
 A request's transaction with nothing to commit ends after its response has been handed to the
 WSGI server (``_request``). psycopg2's ``rollback()`` would still keep the worker thread until
 the server's reply, a round trip: a keep-alive client's next request waits for it. Here the
-``ROLLBACK`` is sent with libpq's ``PQsendQuery`` and the thread goes on; psycopg2's books are
-kept as its own ``rollback()`` keeps them (the transaction flag, and the count of ended
-transactions that makes the transaction's named cursors invalid), so the rollbacks SQLAlchemy
-and the pool run next send nothing.
+``ROLLBACK`` is sent without waiting (``drivers``: libpq's ``PQsendQuery``) and the thread goes
+on; the driver's books are kept as its own ``rollback()`` keeps them, so the rollbacks
+SQLAlchemy and the pool run next send nothing.
 
 The connection is not given back to the pool before its reply has come: :class:`SettlingQueuePool`
 keeps it aside (counted as checked out) and reads the reply when it arrives, at the next
@@ -15,24 +14,22 @@ when waiting for it costs less than opening one, and waits for it then, bounded 
 timeout. A failed ``ROLLBACK``, or no reply within the pool timeout, discards the connection.
 
 Only for the rollback of a request's sessions after its response (:func:`after_response`), and
-only on a plain psycopg2 connection (no wait callback: gevent and eventlet keep psycopg2's way).
+only where the driver can (``drivers``: psycopg2 without a wait callback; under gevent and
+eventlet the driver's own rollback runs).
 """
 
 from __future__ import annotations
 
 import contextvars
-import ctypes
 import logging
 import threading
 import time
 import typing as t
 
-import psycopg2.extensions as ext  # type: ignore[import-untyped]
 import sqlalchemy as sa
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
-from . import driver
-from ._liveness import wait_readable
+from .drivers import Driver
 
 log = logging.getLogger("flask_neon")
 
@@ -41,41 +38,6 @@ _SENT = "flask_neon.rollback_sent"
 _AFTER_RESPONSE: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "flask_neon_after_response", default=False
 )
-_PGRES_COMMAND_OK = 1
-_PQTRANS_IDLE, _PQTRANS_INTRANS, _PQTRANS_INERROR = 0, 2, 3
-
-
-def _libpq() -> t.Any:
-    """psycopg2's own libpq (the one that made its connections), or None."""
-    try:
-        import psycopg2._psycopg as module  # type: ignore[import-untyped]
-
-        # PyDLL: calls keep the GIL. Each is a few microseconds and never blocks (the wait
-        # for a reply is a poll()); CDLL would release and retake the GIL per call, and
-        # under load every release lets another request thread in.
-        lib = ctypes.PyDLL(module.__file__)
-        pointer = ctypes.c_void_p
-        for name, result, arguments in (
-            ("PQsendQuery", ctypes.c_int, [pointer, ctypes.c_char_p]),
-            ("PQconsumeInput", ctypes.c_int, [pointer]),
-            ("PQisBusy", ctypes.c_int, [pointer]),
-            ("PQgetResult", pointer, [pointer]),
-            ("PQresultStatus", ctypes.c_int, [pointer]),
-            ("PQresultErrorMessage", ctypes.c_char_p, [pointer]),
-            ("PQclear", None, [pointer]),
-            ("PQtransactionStatus", ctypes.c_int, [pointer]),
-            ("PQerrorMessage", ctypes.c_char_p, [pointer]),
-        ):
-            function = getattr(lib, name)
-            function.restype, function.argtypes = result, arguments
-    except (OSError, AttributeError, ImportError):
-        return None
-    return lib
-
-
-_LIB = _libpq()
-#: True when a ROLLBACK can be sent without waiting (psycopg2's flag and libpq were found).
-AVAILABLE = driver.AVAILABLE and driver.CAN_END_TRANSACTIONS and _LIB is not None
 
 
 class after_response:  # noqa: N801 - used as a function: ``with after_response():``
@@ -93,7 +55,7 @@ class after_response:  # noqa: N801 - used as a function: ``with after_response(
         _AFTER_RESPONSE.reset(self._token)
 
 
-def install(engine: sa.Engine) -> None:
+def install(engine: sa.Engine, driver: Driver) -> None:
     """Send ``engine``'s rollbacks after a response without waiting (its pool must settle).
 
     Through the engine's own dialect, the one that SQLAlchemy's connections and the pool's
@@ -101,65 +63,24 @@ def install(engine: sa.Engine) -> None:
     listener would put every statement of every request on SQLAlchemy's event path (seven
     dispatches a request, a tenth of its CPU on loopback).
     """
-    if not (AVAILABLE and isinstance(engine.pool, SettlingQueuePool)):
+    if not (driver.NOWAIT_ROLLBACK and isinstance(engine.pool, SettlingQueuePool)):
         return
+    engine.pool.driver = driver
     dbapi_rollback = engine.dialect.do_rollback
 
     def do_rollback(dbapi_connection: PoolProxiedConnection) -> None:
-        if _AFTER_RESPONSE.get():
-            _send_rollback(dbapi_connection)
-        dbapi_rollback(dbapi_connection)  # after a ROLLBACK sent: psycopg2 sends nothing
+        if _AFTER_RESPONSE.get() and driver.send_rollback(dbapi_connection.dbapi_connection):
+            dbapi_connection.info[_SENT] = time.monotonic()
+        dbapi_rollback(dbapi_connection)  # after a ROLLBACK sent: the driver sends nothing
 
     engine.dialect.do_rollback = do_rollback  # type: ignore[method-assign]
 
 
-def _send_rollback(proxied: PoolProxiedConnection) -> None:
-    if ext.get_wait_callback() is not None:
-        return
-    dbapi_connection: t.Any = proxied.dbapi_connection
-    if not driver.transaction_flag_is(dbapi_connection, ext.STATUS_BEGIN):
-        return
-    pgconn = ctypes.c_void_p(dbapi_connection.pgconn_ptr)
-    if _LIB.PQtransactionStatus(pgconn) not in (_PQTRANS_INTRANS, _PQTRANS_INERROR):
-        return
-    if _LIB.PQsendQuery(pgconn, b"ROLLBACK") != 1:
-        return  # psycopg2's rollback() meets the same broken connection and reports it
-    driver.end_transaction(dbapi_connection)
-    proxied.info[_SENT] = time.monotonic()
-
-
-def _rollback_reply(dbapi_connection: t.Any, wait: float) -> str | None:
-    """Read the reply of the ROLLBACK in flight, waiting up to ``wait`` seconds for it.
-
-    None: not there yet. "": the transaction has ended. Otherwise what went wrong.
-    """
-    pgconn = ctypes.c_void_p(dbapi_connection.pgconn_ptr)
-    deadline = time.monotonic() + wait
-    failure = ""
-    while True:
-        # Read from the socket only while libpq lacks a whole message (PQgetResult would
-        # block): one receive for a reply that is there, a poll() first when waiting.
-        while _LIB.PQisBusy(pgconn):
-            remaining = deadline - time.monotonic()
-            if remaining > 0:  # returns at once when the reply is there
-                wait_readable(dbapi_connection.fileno(), remaining)
-            if not _LIB.PQconsumeInput(pgconn):
-                return str(_LIB.PQerrorMessage(pgconn).decode(errors="replace")).strip()
-            if remaining <= 0 and _LIB.PQisBusy(pgconn):
-                return None
-        result = _LIB.PQgetResult(pgconn)
-        if not result:
-            break
-        if _LIB.PQresultStatus(result) != _PGRES_COMMAND_OK:
-            failure = _LIB.PQresultErrorMessage(result).decode(errors="replace").strip()
-        _LIB.PQclear(result)
-    if not failure and _LIB.PQtransactionStatus(pgconn) != _PQTRANS_IDLE:
-        failure = "the transaction did not end"
-    return failure
-
-
 class SettlingQueuePool(QueuePool):
     """A QueuePool that takes back connections whose ROLLBACK is in flight only once it ended."""
+
+    #: The driver that sent the ROLLBACKs (set by :func:`install`).
+    driver: Driver | None = None
 
     def __init__(self, *args: t.Any, **kwargs: t.Any) -> None:
         super().__init__(*args, **kwargs)
@@ -226,7 +147,12 @@ class SettlingQueuePool(QueuePool):
         """
         sent = record.info[_SENT]
         dbapi_connection = record.dbapi_connection
-        reply = "" if dbapi_connection is None else _rollback_reply(dbapi_connection, wait)
+        driver = self.driver
+        reply = (
+            ""
+            if dbapi_connection is None or driver is None
+            else driver.rollback_reply(dbapi_connection, wait)
+        )
         if reply is None and not wait and time.monotonic() - sent < self._timeout:
             return False  # due, and not yet too late
         del record.info[_SENT]

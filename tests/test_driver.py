@@ -39,7 +39,7 @@ def test_a_transaction_costs_two_round_trips_not_three(
     make_app: AppFactory, proxy: FaultProxy, database_url: str
 ) -> None:
     fast = queries_of_one_request(make_app, proxy, database_url)
-    assert fast == ["BEGIN; SELECT 41 + 1", "ROLLBACK"]
+    assert fast == ["BEGIN;\nSELECT 41 + 1", "ROLLBACK"]
     slow = queries_of_one_request(make_app, proxy, database_url, DB_FAST_BEGIN=False)
     assert slow == ["BEGIN", "SELECT 41 + 1", "ROLLBACK"]
 
@@ -52,7 +52,7 @@ def test_per_transaction_limits_ride_along(
     )
     assert len(sent) == 2
     assert sent[0].startswith("BEGIN; SET LOCAL statement_timeout = 7000; ")
-    assert sent[0].endswith("SELECT 41 + 1")
+    assert sent[0].endswith(";\nSELECT 41 + 1")
 
 
 def test_a_transaction_without_statements_costs_nothing(
@@ -87,7 +87,7 @@ def test_connections_stay_psycopg2s_own(engine: sa.Engine) -> None:
         assert raw.status == ext.STATUS_READY
         result = connection.exec_driver_sql("SELECT 1")
         # The first statement carried the BEGIN, and psycopg2 knows a transaction is open.
-        assert result.cursor.query == b"BEGIN; SELECT 1"
+        assert result.cursor.query == b"BEGIN;\nSELECT 1"
         assert raw.status == ext.STATUS_BEGIN
         assert raw.get_transaction_status() == ext.TRANSACTION_STATUS_INTRANS
 

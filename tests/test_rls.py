@@ -186,8 +186,8 @@ def test_the_context_travels_with_begin_and_never_outlives_the_request(
         assert get(app, "/todos", **{"X-User": "bob"})[0] == 200
         sent = proxy.queries[before:]
         # One message carries BEGIN, the settings, the role and the first statement.
-        assert sent[0].startswith("BEGIN; SELECT set_config('request.jwt.claims', ")
-        assert f'SET LOCAL ROLE "{AUTHENTICATED}"; SELECT task FROM todos' in sent[0]
+        assert sent[0].startswith('BEGIN; SET LOCAL "request"."jwt"."claims" = E\'{')
+        assert f'SET LOCAL ROLE "{AUTHENTICATED}";\nSELECT task FROM todos' in sent[0]
         assert sent[1:] == ["SELECT current_user", "ROLLBACK"]
         # The next request on the same connection sees none of it.
         assert get(app, "/whoami") == (200, {"user": LOGIN, "tenant": None})
@@ -228,7 +228,10 @@ def test_a_direct_context_for_commands_and_jobs(rls_database: str) -> None:
                 db.session.commit()
                 again = db.session.scalars(sa.text("SELECT body FROM notes")).all()
             assert rows == again == ["t2 a"]
-            assert db.session.scalars(sa.text("SELECT body FROM notes")).all() == ["t2 a"]
+            # The transaction begun inside the block must not serve statements outside it:
+            # they would run with tenant 2's settings.
+            with pytest.raises(NeonStateError, match="began under another database context"):
+                db.session.scalars(sa.text("SELECT body FROM notes")).all()
             db.session.rollback()  # the transaction begun inside the block ends here
             assert db.session.scalars(sa.text("SELECT body FROM notes")).all() == []
     finally:

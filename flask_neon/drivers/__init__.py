@@ -1,0 +1,47 @@
+"""What differs between DBAPI drivers, behind one small interface: one module per driver.
+
+Nothing else in flask-neon imports a driver. A module of this package is a :class:`Driver`;
+:func:`for_dialect` finds the one of an engine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import typing as t
+
+
+class Driver(t.Protocol):
+    """A driver module (``flask_neon.drivers.psycopg2``): its facts and a few operations."""
+
+    #: The DBAPI's name, as SQLAlchemy's dialects name it.
+    name: str
+    #: True when a transaction can be opened with its first statement on this interpreter.
+    FAST_BEGIN: bool
+    #: True when a ROLLBACK can be sent without waiting for its reply.
+    NOWAIT_ROLLBACK: bool
+
+    def owns(self, dbapi_connection: t.Any) -> bool: ...
+    def opens_transaction(self, connection: t.Any) -> bool: ...
+    def in_autocommit(self, connection: t.Any) -> bool: ...
+    def client_in_transaction(self, connection: t.Any) -> bool: ...
+    def server_in_transaction(self, connection: t.Any) -> bool: ...
+    def transaction_id(self, connection: t.Any) -> int: ...
+    def plain_cursor(self, cursor: t.Any) -> bool: ...
+    def begin_then(self, connection: t.Any, setup: str) -> None: ...
+    def execute_first(
+        self, cursor: t.Any, statement: str, parameters: t.Any, setup: str
+    ) -> None: ...
+    def send_rollback(self, connection: t.Any) -> bool: ...
+    def rollback_reply(self, connection: t.Any, wait: float) -> str | None: ...
+    def green(self) -> bool: ...
+
+
+_MODULES = {"psycopg2": "psycopg2"}
+
+
+def for_dialect(dialect: t.Any) -> Driver | None:
+    """The driver module of a SQLAlchemy dialect, or None for a DBAPI flask-neon does not know."""
+    module = _MODULES.get(getattr(dialect, "driver", ""))
+    if module is None:
+        return None
+    return t.cast(Driver, importlib.import_module(f"{__name__}.{module}"))
