@@ -154,6 +154,7 @@ def build_state(
             development if settings.health_details is None else settings.health_details
         ),
         require_tls=require_tls,
+        app_name=app_name,
     )
 
 

@@ -74,6 +74,11 @@ class NeonState:
     health_details: bool
     #: Whether plaintext-capable remote URLs are refused (DB_REQUIRE_TLS or the profile).
     require_tls: bool
+    #: The app's name, for messages.
+    app_name: str = ""
+    #: Whether a request's reading sessions may end after its response (``_request``); off
+    #: once a response was not closed.
+    hand_over: bool = True
 
     @property
     def settings(self) -> NeonSettings:

@@ -121,24 +121,43 @@ def released_at_the_end(proxy: FaultProxy) -> Iterator[None]:
         proxy.release.set()
 
 
-@pytest.mark.parametrize("how", ["read", "uncommitted", "fail", "raise"])
-def test_the_response_arrives_before_the_transaction_ends(
-    database_url: str, proxy: FaultProxy, table: str, how: str
+def test_a_read_gets_its_response_before_the_transaction_ends(
+    database_url: str, proxy: FaultProxy, table: str
 ) -> None:
-    tag = f"{how}-{uuid.uuid4().hex[:6]}"
-    path = "/pid" if how == "read" else f"/write/{tag}/{how}"
     with rollback_held(proxy, database_url) as (app, db):
         with LiveServer(app) as server:
             with released_at_the_end(proxy):
-                reply = server.get(path)  # the whole response; the ROLLBACK comes after it
+                reply = server.get("/pid")  # the whole response; the ROLLBACK comes after it
                 wait_until(proxy.held.is_set, message="the ROLLBACK sent")
-                expected = {"read": 200, "uncommitted": 200, "fail": 409, "raise": 500}[how]
-                assert reply.status == expected
+                assert reply.status == 200
                 assert checked_out(app, db) == 1  # not back in the pool before it has ended
-                if reply.status == 200:
-                    state = backend_state(database_url, reply.json()["pid"])
-                    assert state == "idle in transaction"
+                state = backend_state(database_url, reply.json()["pid"])
+                assert state == "idle in transaction"
             wait_until(lambda: checked_out(app, db) == 0, message="connection checked in")
+        assert server.errors == []
+
+
+@pytest.mark.parametrize("how", ["uncommitted", "fail", "raise"])
+def test_a_write_ends_its_transaction_before_the_response(
+    database_url: str, proxy: FaultProxy, table: str, how: str
+) -> None:
+    # Its row versions and locks must be gone when the client has the answer, as with
+    # Flask-SQLAlchemy: the response waits for the ROLLBACK.
+    tag = f"{how}-{uuid.uuid4().hex[:6]}"
+    replies: list[t.Any] = []
+    with rollback_held(proxy, database_url) as (app, db):
+        with LiveServer(app) as server:
+            client = threading.Thread(
+                target=lambda: replies.append(server.get(f"/write/{tag}/{how}"))
+            )
+            client.start()
+            with released_at_the_end(proxy):
+                wait_until(proxy.held.is_set, message="the ROLLBACK sent")
+                assert replies == []  # the response waits for the ROLLBACK
+            client.join(30)
+        expected = {"uncommitted": 200, "fail": 409, "raise": 500}[how]
+        assert replies[0].status == expected
+        assert checked_out(app, db) == 0
         assert rows(database_url, tag) == 0  # nothing uncommitted is kept
         assert server.errors == [] or how == "raise"
 
@@ -261,11 +280,10 @@ def pid_of(reply: t.Any) -> int:
 def test_the_request_thread_does_not_wait_for_the_rollback_reply(
     database_url: str, proxy: FaultProxy, table: str
 ) -> None:
-    tag = f"nowait-{uuid.uuid4().hex[:6]}"
     with rollback_held(proxy, database_url) as (app, db):
         with LiveServer(app) as server:
             with released_at_the_end(proxy):
-                first = pid_of(server.get(f"/write/{tag}/uncommitted"))
+                first = pid_of(server.get("/pid"))
                 wait_until(proxy.held.is_set, message="the ROLLBACK sent")
                 # psycopg2's rollback() would keep the thread until the server's reply.
                 wait_until(lambda: server.active_requests == 0, message="the thread free")
@@ -275,7 +293,6 @@ def test_the_request_thread_does_not_wait_for_the_rollback_reply(
                 assert pid_of(server.get("/pid")) != first
             wait_until(lambda: checked_out(app, db) == 0, message="connections checked in")
             assert backend_state(database_url, first) == "idle"
-        assert rows(database_url, tag) == 0
         assert server.errors == []
 
 
@@ -302,13 +319,12 @@ def test_at_capacity_the_next_request_gets_the_connection_once_its_rollback_ende
     database_url: str, proxy: FaultProxy, table: str, descriptors: str
 ) -> None:
     # "above 1023": the connection's socket is one select() refuses; the wait must not fail.
-    tag = f"capacity-{uuid.uuid4().hex[:6]}"
     replies: list[t.Any] = []
     high = descriptors_above(1023) if descriptors != "low" else contextlib.nullcontext()
     with high, rollback_held(proxy, database_url, DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0) as (app, db):
         with LiveServer(app) as server:
             with released_at_the_end(proxy):
-                first = pid_of(server.get(f"/write/{tag}/uncommitted"))
+                first = pid_of(server.get("/pid"))
                 wait_until(proxy.held.is_set, message="the ROLLBACK sent")
                 client = threading.Thread(target=lambda: replies.append(server.get("/pid")))
                 client.start()
@@ -322,18 +338,16 @@ def test_at_capacity_the_next_request_gets_the_connection_once_its_rollback_ende
                 descriptor = raw.dbapi_connection.fileno()  # type: ignore[union-attr]
                 raw.close()
             assert (descriptor > 1023) == (descriptors != "low")
-        assert rows(database_url, tag) == 0
         assert server.errors == []
 
 
 def test_a_rollback_that_fails_discards_the_connection(
     database_url: str, proxy: FaultProxy, table: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    tag = f"failed-{uuid.uuid4().hex[:6]}"
     with rollback_held(proxy, database_url) as (app, db):
         with LiveServer(app) as server:
             with released_at_the_end(proxy):
-                first = pid_of(server.get(f"/write/{tag}/uncommitted"))
+                first = pid_of(server.get("/pid"))
                 wait_until(proxy.held.is_set, message="the ROLLBACK sent")
                 admin_execute(database_url, "SELECT pg_terminate_backend(%s)", [first])
                 wait_until(lambda: backend_state(database_url, first) == "gone", message="gone")
@@ -343,7 +357,6 @@ def test_a_rollback_that_fails_discards_the_connection(
                 assert db.pool_stats()["invalidations"] == 1
             proxy.hold = None
             assert pid_of(server.get("/pid")) != first  # a new connection, no error
-        assert rows(database_url, tag) == 0
         assert server.errors == []
 
 
@@ -420,7 +433,9 @@ def test_a_named_cursor_after_a_rollback_sent_without_waiting_is_as_after_psycop
     psycopg2_way = named_cursor_steps(database_url, kind, DB_FAST_BEGIN=False)
     assert ended == []
     ours = named_cursor_steps(database_url, kind)
-    assert len(ended) == 2  # both requests' ROLLBACKs went out without waiting
+    # Both requests' ROLLBACKs went out without waiting; but a transaction that a cursor on the
+    # DBAPI connection opened (flask-neon did not see its statements) ends before the response.
+    assert len(ended) == (2 if kind == "sqlalchemy" else 1)
     assert (
         ours
         == psycopg2_way
