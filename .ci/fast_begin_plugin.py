@@ -19,19 +19,23 @@ def pytest_sessionstart(session: t.Any) -> None:
     import sqlalchemy as sa
 
     from flask_neon import driver
+    from flask_neon._transactions import TransactionOpener
+    from flask_neon.drivers import psycopg2
 
     assert driver.AVAILABLE, "fast BEGIN is not available on this interpreter"
 
-    class Counting(driver.FastBegin):
+    class Counting(TransactionOpener):
         def execute(self, cursor: t.Any, *args: t.Any) -> bool:
             opened = super().execute(cursor, *args)
             _opened[0] += opened
             return opened
 
-    fast = Counting()
-    sa.event.listen(sa.engine.Engine, "do_execute", fast.execute)
-    sa.event.listen(sa.engine.Engine, "do_execute_no_params", fast.execute_no_params)
-    sa.event.listen(sa.engine.Engine, "do_executemany", fast.executemany)
+        def execute_no_params(self, cursor: t.Any, *args: t.Any) -> bool:
+            opened = super().execute_no_params(cursor, *args)
+            _opened[0] += opened
+            return opened
+
+    Counting(psycopg2).install(sa.engine.Engine)
 
 
 def pytest_sessionfinish(session: t.Any) -> None:

@@ -28,6 +28,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 SUITES = [
     "test/dialect/postgresql",
     "test/engine/test_transaction.py",
+    "test/engine/test_execute.py",
     "test/orm/test_transaction.py",
 ]
 SETUP = [

@@ -98,12 +98,12 @@ class TransactionOpener:
         self.limits = limits
         self.context = context
         self.fast = fast and driver.FAST_BEGIN
-        self.dialect: sa.Dialect | None = None
 
-    def install(self, engine: sa.Engine) -> None:
-        """Listen to ``engine``'s statements, ahead of any other listener."""
-        self.dialect = engine.dialect
-        _openers[engine.dialect] = self
+    def install(self, engine: sa.Engine | type[sa.Engine]) -> None:
+        """Listen to ``engine``'s statements, ahead of any other listener (``engine`` may be
+        the ``Engine`` class: every engine then)."""
+        if isinstance(engine, sa.Engine):
+            _openers[engine.dialect] = self
         event.listen(engine, "do_execute", self.execute, insert=True)
         event.listen(engine, "do_execute_no_params", self.execute_no_params, insert=True)
         event.listen(engine, "do_executemany", self.executemany, insert=True)
@@ -171,27 +171,17 @@ class TransactionOpener:
         )
         if (
             event_name is not None
+            and context is not None
             and self.fast
             and isinstance(statement, str)
             and self.driver.plain_cursor(cursor)
             and opens_plainly(statement)
-            and self._alone(event_name)
+            and _alone(context.dialect, event_name)
         ):
             self.driver.execute_first(cursor, statement, parameters, setup)
             return True
         self.driver.begin_then(connection, setup)
         return False
-
-    def _alone(self, event_name: str) -> bool:
-        """True when nothing but this listens to ``event_name`` and the dialect's own method
-        runs the statement: a listener added later, or a replaced method, must see it."""
-        dialect = self.dialect
-        return (
-            dialect is not None
-            and len(getattr(dialect.dispatch, event_name)) == 1
-            and event_name not in vars(dialect)
-            and getattr(type(dialect), event_name) is getattr(DefaultDialect, event_name)
-        )
 
     def _within(self, connection: t.Any, statement: t.Any, context: t.Any) -> None:
         """A statement inside a transaction (or in autocommit): fail closed, or note it."""
@@ -220,6 +210,16 @@ class TransactionOpener:
             raise NeonStateError(_ANOTHER_CONTEXT)
         if record.plain_reads and isinstance(statement, str) and plain_read(statement) is False:
             record.plain_reads = False
+
+
+def _alone(dialect: sa.Dialect, event_name: str) -> bool:
+    """True when nothing but flask-neon listens to ``event_name`` and the dialect's own method
+    runs the statement: a listener added later, or a replaced method, must see it."""
+    return (
+        len(getattr(dialect.dispatch, event_name)) == 1
+        and event_name not in vars(dialect)
+        and getattr(type(dialect), event_name) is getattr(DefaultDialect, event_name)
+    )
 
 
 def ends_unobserved(connection: sa.Connection) -> bool:

@@ -28,5 +28,5 @@ def install(engine: sa.Engine | type[sa.Engine], begin_statements: str = "") -> 
     the result would differ, and everywhere when :data:`AVAILABLE` is false.
     """
     opener = TransactionOpener(_psycopg2, begin_statements, fast=True)
-    opener.install(engine)  # type: ignore[arg-type]
+    opener.install(engine)
     return opener
