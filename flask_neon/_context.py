@@ -67,6 +67,15 @@ class DatabaseContext:
         object.__setattr__(self, "statements", "".join(f"{part}; " for part in parts))
 
 
+def reset_statements(names: t.Iterable[str], role: bool) -> str:
+    """The statements that undo, in the transaction, the settings ``names`` and (``role``) a
+    ``SET LOCAL ROLE``, each followed by "; "."""
+    parts = [f"SET LOCAL {_identifier_path(name)} TO DEFAULT" for name in sorted(names)]
+    if role:
+        parts.append("SET LOCAL ROLE NONE")
+    return "".join(f"{part}; " for part in parts)
+
+
 def _identifier(name: str) -> str:
     # PostgreSQL's quoted identifier: any character but NUL, a double quote doubled.
     return '"' + name.replace('"', '""') + '"'

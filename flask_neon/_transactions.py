@@ -34,9 +34,9 @@ from sqlalchemy import event
 from sqlalchemy.engine.default import DefaultDialect
 
 from . import drivers
-from ._context import DatabaseContext
+from ._context import DatabaseContext, reset_statements
 from ._errors import NeonStateError
-from ._statements import opens_plainly, plain_read
+from ._statements import first_word, opens_plainly, plain_read
 
 ContextSource = Callable[[], "DatabaseContext | None"]
 
@@ -68,9 +68,17 @@ class Transaction:
     context: DatabaseContext | None
     #: Every statement so far was a plain read (``_statements.plain_read``).
     plain_reads: bool
+    #: On a connection that switches contexts (:func:`switch_contexts`): whether it does, the
+    #: settings and whether a role were applied by an earlier context, and whether a rollback
+    #: to a savepoint may have undone the current one.
+    switching: bool = False
+    applied_before: frozenset[str] = frozenset()
+    role_before: bool = False
+    stale: bool = False
 
 
 _transactions: weakref.WeakKeyDictionary[t.Any, Transaction] = weakref.WeakKeyDictionary()
+_switching: weakref.WeakSet[t.Any] = weakref.WeakSet()
 _openers: weakref.WeakKeyDictionary[sa.Dialect, TransactionOpener] = weakref.WeakKeyDictionary()
 
 
@@ -167,7 +175,10 @@ class TransactionOpener:
         setup = self.limits + (wanted.statements if wanted is not None else "")
         reads = isinstance(statement, str) and plain_read(statement) is not False
         _transactions[connection] = Transaction(
-            self.driver.transaction_id(connection), wanted, reads
+            self.driver.transaction_id(connection),
+            wanted,
+            reads,
+            switching=bool(_switching) and connection in _switching,
         )
         if (
             event_name is not None
@@ -202,14 +213,42 @@ class TransactionOpener:
                 raise NeonStateError(_UNSEEN)
             record = Transaction(driver.transaction_id(connection), None, plain_reads=False)
             _transactions[connection] = record
-        elif (
-            self.context is not None
-            and context is not None
-            and self._wanted(context) != record.context
-        ):
-            raise NeonStateError(_ANOTHER_CONTEXT)
+        elif self.context is not None and context is not None:
+            wanted = self._wanted(context)
+            if wanted != record.context or record.stale:
+                if not record.switching:
+                    raise NeonStateError(_ANOTHER_CONTEXT)
+                self._switch(connection, record, wanted)
         if record.plain_reads and isinstance(statement, str) and plain_read(statement) is False:
             record.plain_reads = False
+        if record.switching and isinstance(statement, str):
+            # ROLLBACK TO SAVEPOINT undoes what was set after the savepoint: set it again.
+            record.stale = record.stale or first_word(statement) == "ROLLBACK"
+
+    def _switch(
+        self, connection: t.Any, record: Transaction, wanted: DatabaseContext | None
+    ) -> None:
+        """Put ``wanted`` in place of the transaction's context (:func:`switch_contexts`)."""
+        previous = record.context
+        names = set(previous.settings) if previous is not None else set()
+        names |= record.applied_before
+        role = record.role_before or (previous is not None and previous.role is not None)
+        keep = set(wanted.settings) if wanted is not None else set()
+        undo = reset_statements(names - keep, role and (wanted is None or wanted.role is None))
+        self.driver.begin_then(connection, undo + (wanted.statements if wanted else ""))
+        record.context, record.stale = wanted, False
+        record.applied_before, record.role_before = frozenset(names), role
+
+
+def switch_contexts(dbapi_connection: t.Any, switching: bool = True) -> None:
+    """Let the transactions of ``dbapi_connection`` change their database context between
+    statements (or stop that): for a test harness that runs one request after another in one
+    transaction (``flask_neon.testing``), which is rolled back at the end. Each statement then
+    runs under its own context; nowhere else may a transaction change it."""
+    if switching:
+        _switching.add(dbapi_connection)
+    else:
+        _switching.discard(dbapi_connection)
 
 
 def _alone(dialect: sa.Dialect, event_name: str) -> bool:

@@ -59,3 +59,28 @@ def test_a_rejected_request_changes_nothing(
 ) -> None:
     assert neon_client.post("/notes", json={"title": ""}).status_code == 400
     assert count_notes(neon_db_session) == 0
+
+
+def test_each_request_runs_under_its_own_database_context(
+    neon_client: FlaskClient, neon_db_session: orm.Session
+) -> None:
+    # The requests and the test's session share the test's one transaction: each statement
+    # still runs with its own settings and role (row-level security), never another's.
+    for user, body in (("alice", "a1"), ("bob", "b1"), ("alice", "a2")):
+        reply = neon_client.post("/me/notes", json={"body": body}, headers={"X-User-Id": user})
+        assert reply.status_code == 201, reply.text
+
+    def bodies(user: str) -> list[str]:
+        notes = neon_client.get("/me/notes", headers={"X-User-Id": user}).json
+        assert notes is not None
+        return [note["body"] for note in notes["notes"]]
+
+    assert (bodies("alice"), bodies("bob"), bodies("carol")) == (["a1", "a2"], ["b1"], [])
+    # The test's own session runs without a context, as the login role: it sees every row.
+    owners = neon_db_session.scalars(sa.text("SELECT owner FROM private_notes ORDER BY id"))
+    assert list(owners) == ["alice", "bob", "alice"]
+    assert neon_db_session.scalar(sa.text("SELECT current_setting('app.user_id', true)")) in (
+        None,
+        "",
+    )
+    assert bodies("bob") == ["b1"]  # and the next request is bob again

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from flask import Flask, request
 
 from flask_neon import DatabaseContext, NeonConfigError, NeonDB, NeonStateError
+from flask_neon._transactions import switch_contexts
 
 from .conftest import admin_execute
 from .servers import PgBouncer, pgbouncer_fixture  # noqa: F401 - a fixture, used by name
@@ -433,6 +434,42 @@ def test_nothing_outlives_the_transaction_through_pgbouncer(
             }
             assert client.get("/who").json["user"] == LOGIN
             assert client.get("/who").json["tenant"] in (None, "")
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_a_test_harness_switches_contexts_inside_one_transaction(
+    target: Target, fast_begin: bool
+) -> None:
+    # flask_neon.testing runs requests one after another in the test's transaction: each
+    # statement runs under its own context, also after a savepoint rolled back what a context
+    # set inside it.
+    app, db = make_app(target, fast_begin)
+
+    def tenants(connection: sa.Connection) -> list[str]:
+        return list(connection.execute(sa.text(SELECT)).scalars())
+
+    try:
+        with app.app_context(), db.engine.connect() as connection:
+            dbapi_connection = connection.connection.dbapi_connection
+            switch_contexts(dbapi_connection)
+            try:
+                with db.context({"app.tenant": "A%%"}):
+                    assert tenants(connection) == ["A%%"]
+                    savepoint = connection.begin_nested()
+                with db.context({"app.tenant": "A%"}, role=NARROW):
+                    assert tenants(connection) == ["A%"]
+                    # The server goes back to A%% as the login role; the next statement must
+                    # not run so.
+                    savepoint.rollback()
+                    assert tenants(connection) == ["A%"]
+                    assert connection.scalar(sa.text("SELECT current_user")) == NARROW
+                assert tenants(connection) == []  # no context: no tenant, the login role
+                assert connection.scalar(sa.text("SELECT current_user")) == LOGIN
+                connection.rollback()
+            finally:
+                switch_contexts(dbapi_connection, switching=False)
     finally:
         with app.app_context():
             db.engine.dispose()

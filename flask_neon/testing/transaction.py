@@ -13,6 +13,7 @@ from flask.testing import FlaskClient
 from sqlalchemy import orm
 
 from .._extension import NeonDB
+from .._transactions import switch_contexts
 from .schema import _neon_state
 
 __all__ = ["NeonTransaction", "neon_client", "neon_db_session", "neon_transaction"]
@@ -74,6 +75,8 @@ class _WriteSessionMaker(orm.sessionmaker[orm.Session]):
 
 def _end(connection: sa.Connection, transaction: sa.RootTransaction) -> None:
     """Roll back the test's transaction and give the connection back."""
+    if not connection.invalidated:
+        switch_contexts(connection.connection.dbapi_connection, switching=False)
     try:
         if transaction.is_active:
             transaction.rollback()
@@ -114,6 +117,9 @@ def neon_transaction(neon_app: Flask, neon_schema: None) -> Iterator[NeonTransac
             pytrace=False,
         )
     connection = state.engine.connect()
+    # Requests and the test's own session take turns in the one transaction: each statement
+    # runs under its own database context (row-level security), set in the transaction.
+    switch_contexts(connection.connection.dbapi_connection)
     transaction = connection.begin()
     saved = state.sessionmaker, state.read_sessionmaker
     try:
