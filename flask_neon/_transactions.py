@@ -108,13 +108,15 @@ class TransactionOpener:
         self.fast = fast and driver.FAST_BEGIN
 
     def install(self, engine: sa.Engine | type[sa.Engine]) -> None:
-        """Listen to ``engine``'s statements, ahead of any other listener (``engine`` may be
-        the ``Engine`` class: every engine then)."""
+        """Listen to ``engine``'s statements (``engine`` may be the ``Engine`` class: every
+        engine then)."""
         if isinstance(engine, sa.Engine):
             _openers[engine.dialect] = self
-        event.listen(engine, "do_execute", self.execute, insert=True)
-        event.listen(engine, "do_execute_no_params", self.execute_no_params, insert=True)
-        event.listen(engine, "do_executemany", self.executemany, insert=True)
+        # SQLAlchemy calls dialect listeners in the order they came (``insert`` is ignored for
+        # them): flask-neon's come first, added as it builds the engine.
+        event.listen(engine, "do_execute", self.execute)
+        event.listen(engine, "do_execute_no_params", self.execute_no_params)
+        event.listen(engine, "do_executemany", self.executemany)
 
     # -- the events --------------------------------------------------------------------------
 
@@ -191,7 +193,9 @@ class TransactionOpener:
         ):
             self.driver.execute_first(cursor, statement, parameters, setup)
             return True
-        self.driver.begin_then(connection, setup)
+        # executemany: psycopg2 merges the first set of parameters before its BEGIN.
+        first = parameters if event_name is not None or not parameters else parameters[0]
+        self.driver.begin_then(connection, setup, cursor, statement, first)
         return False
 
     def _within(self, connection: t.Any, statement: t.Any, context: t.Any) -> None:

@@ -261,11 +261,25 @@ def _begin_sql(connection: t.Any) -> str:
     return " ".join(parts)
 
 
-def begin_then(connection: t.Any, setup: str) -> None:
-    """psycopg2's way: let it send ``BEGIN``, then run ``setup`` (statements, or "")."""
-    if setup:
-        with ext.cursor(connection) as cursor:
-            cursor.execute(setup)  # no parameters: psycopg2 leaves every % as it is
+def begin_then(
+    connection: t.Any,
+    setup: str,
+    cursor: t.Any = None,
+    statement: t.Any = None,
+    parameters: t.Any = None,
+) -> None:
+    """psycopg2's way: let it send ``BEGIN``, then run ``setup`` (statements, or "").
+
+    psycopg2 merges a statement's parameters before it sends ``BEGIN``: a statement about to
+    follow (``cursor``, ``statement``, ``parameters``) that it would refuse in the client (a
+    missing parameter, a NUL) is refused here before anything is sent, as it would be.
+    """
+    if not setup:
+        return
+    if cursor is not None and parameters is not None and isinstance(statement, str):
+        cursor.mogrify(statement, parameters)
+    with ext.cursor(connection) as setup_cursor:
+        setup_cursor.execute(setup)  # no parameters: psycopg2 leaves every % as it is
 
 
 def execute_first(cursor: t.Any, statement: str, parameters: t.Any, setup: str) -> None:
@@ -308,10 +322,9 @@ def _replay_after(connection: t.Any, exc: BaseException) -> bool:
     cancel, a shutdown), which psycopg2's own ``BEGIN`` would have met.
     """
     if connection.closed:
-        # Lost while the statement ran (the server's farewell carries a code), as psycopg2's
-        # own transaction would be; or before anything reached the server.
-        if not getattr(exc, "pgcode", None):
-            _set_status(connection, ext.STATUS_READY)
+        # Lost while the message was on its way or running: psycopg2's own BEGIN would have
+        # been answered before (its connection was alive a moment ago), so its flag says a
+        # transaction is open.
         return False
     status = connection.get_transaction_status()
     if status == ext.TRANSACTION_STATUS_IDLE:
