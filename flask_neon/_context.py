@@ -47,10 +47,10 @@ class DatabaseContext:
 
     settings: Mapping[str, t.Any] = dataclasses.field(default_factory=dict)
     role: str | None = None
-    #: The statements that apply it at the start of a transaction ("" for none), each followed
-    #: by "; ". ``SET LOCAL`` ends with the transaction and, unlike a query, takes no snapshot
-    #: (a first statement ``SET TRANSACTION ISOLATION LEVEL`` still works after it).
-    statements: str = dataclasses.field(init=False, repr=False, compare=False)
+    #: The statements that apply it at the start of a transaction (none for an empty context).
+    #: ``SET LOCAL`` ends with the transaction and, unlike a query, takes no snapshot (a first
+    #: statement ``SET TRANSACTION ISOLATION LEVEL`` still works after it).
+    statements: tuple[str, ...] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         parts = [
@@ -64,16 +64,16 @@ class DatabaseContext:
                     f"not {self.role!r}"
                 )
             parts.append(f"SET LOCAL ROLE {_identifier(self.role)}")
-        object.__setattr__(self, "statements", "".join(f"{part}; " for part in parts))
+        object.__setattr__(self, "statements", tuple(parts))
 
 
-def reset_statements(names: t.Iterable[str], role: bool) -> str:
+def reset_statements(names: t.Iterable[str], role: bool) -> tuple[str, ...]:
     """The statements that undo, in the transaction, the settings ``names`` and (``role``) a
-    ``SET LOCAL ROLE``, each followed by "; "."""
+    ``SET LOCAL ROLE``."""
     parts = [f"SET LOCAL {_identifier_path(name)} TO DEFAULT" for name in sorted(names)]
     if role:
         parts.append("SET LOCAL ROLE NONE")
-    return "".join(f"{part}; " for part in parts)
+    return tuple(parts)
 
 
 def _identifier(name: str) -> str:

@@ -123,9 +123,9 @@ def make_engine(
     # A pooler drops session state after each transaction, so the limits are set per
     # transaction. SET LOCAL ends with the transaction and never leaks to another client.
     per_transaction = (
-        "".join(f"SET LOCAL {name} = {int(value)}; " for name, value in limits.items())
+        tuple(f"SET LOCAL {name} = {int(value)}" for name, value in limits.items())
         if mode == "transaction"
-        else ""
+        else ()
     )
     driver = drivers.for_dialect(engine.dialect)
     if driver is not None:

@@ -88,7 +88,7 @@ class TransactionOpener:
     Args:
         driver: The module of the engine's DBAPI (``flask_neon.drivers``).
         limits: Statements that open every transaction, e.g. ``SET LOCAL`` session limits
-            through a pooler, each followed by ``"; "``. Empty by default.
+            through a pooler. None by default.
         context: Gives the database context of the transaction beginning now (it may raise:
             then nothing is sent). None: no context ever.
         fast: Open transactions with their first statement where that is identical.
@@ -97,13 +97,13 @@ class TransactionOpener:
     def __init__(
         self,
         driver: drivers.Driver,
-        limits: str = "",
+        limits: t.Sequence[str] = (),
         context: ContextSource | None = None,
         *,
         fast: bool = True,
     ) -> None:
         self.driver = driver
-        self.limits = limits
+        self.limits = tuple(limits)
         self.context = context
         self.fast = fast and driver.FAST_BEGIN
 
@@ -174,7 +174,7 @@ class TransactionOpener:
     ) -> bool:
         connection = cursor.connection
         wanted = self._wanted(context)  # may raise: nothing was sent
-        setup = self.limits + (wanted.statements if wanted is not None else "")
+        setup = self.limits + (wanted.statements if wanted is not None else ())
         reads = isinstance(statement, str) and plain_read(statement) is not False
         _transactions[connection] = Transaction(
             self.driver.transaction_id(connection),
@@ -239,7 +239,7 @@ class TransactionOpener:
         role = record.role_before or (previous is not None and previous.role is not None)
         keep = set(wanted.settings) if wanted is not None else set()
         undo = reset_statements(names - keep, role and (wanted is None or wanted.role is None))
-        self.driver.begin_then(connection, undo + (wanted.statements if wanted else ""))
+        self.driver.begin_then(connection, undo + (wanted.statements if wanted else ()))
         record.context, record.stale = wanted, False
         record.applied_before, record.role_before = frozenset(names), role
 

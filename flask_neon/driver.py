@@ -9,6 +9,8 @@ proof: docs/fast-begin.md; the code: ``flask_neon._transactions`` and
 
 from __future__ import annotations
 
+import typing as t
+
 import sqlalchemy as sa
 
 from ._transactions import TransactionOpener
@@ -19,12 +21,14 @@ from .drivers import psycopg2 as _psycopg2
 AVAILABLE = _psycopg2.FAST_BEGIN
 
 
-def install(engine: sa.Engine | type[sa.Engine], begin_statements: str = "") -> TransactionOpener:
+def install(
+    engine: sa.Engine | type[sa.Engine], begin_statements: t.Sequence[str] = ()
+) -> TransactionOpener:
     """Open ``engine``'s transactions with their first statement; return the events' owner.
 
     ``engine`` may be the :class:`~sqlalchemy.engine.Engine` class itself: every engine then.
-    ``begin_statements``: SQL run at the start of every transaction, each statement followed by
-    ``"; "`` (e.g. ``SET LOCAL`` limits). Steps aside (psycopg2 sends its own ``BEGIN``) where
+    ``begin_statements``: statements run at the start of every transaction (e.g. ``SET LOCAL``
+    limits). Steps aside (psycopg2 sends its own ``BEGIN``) where
     the result would differ, and everywhere when :data:`AVAILABLE` is false.
     """
     opener = TransactionOpener(_psycopg2, begin_statements, fast=True)

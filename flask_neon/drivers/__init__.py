@@ -30,13 +30,13 @@ class Driver(t.Protocol):
     def begin_then(
         self,
         connection: t.Any,
-        setup: str,
+        setup: t.Sequence[str],
         cursor: t.Any = None,
         statement: t.Any = None,
         parameters: t.Any = None,
     ) -> None: ...
     def execute_first(
-        self, cursor: t.Any, statement: str, parameters: t.Any, setup: str
+        self, cursor: t.Any, statement: str, parameters: t.Any, setup: t.Sequence[str]
     ) -> None: ...
     def send_rollback(self, connection: t.Any) -> bool: ...
     def rollback_reply(self, connection: t.Any, wait: float) -> str | None: ...

@@ -263,12 +263,12 @@ def _begin_sql(connection: t.Any) -> str:
 
 def begin_then(
     connection: t.Any,
-    setup: str,
+    setup: t.Sequence[str],
     cursor: t.Any = None,
     statement: t.Any = None,
     parameters: t.Any = None,
 ) -> None:
-    """psycopg2's way: let it send ``BEGIN``, then run ``setup`` (statements, or "").
+    """psycopg2's way: let it send ``BEGIN``, then run the ``setup`` statements.
 
     psycopg2 merges a statement's parameters before it sends ``BEGIN``: a statement about to
     follow (``cursor``, ``statement``, ``parameters``) that it would refuse in the client (a
@@ -279,17 +279,20 @@ def begin_then(
     if cursor is not None and parameters is not None and isinstance(statement, str):
         cursor.mogrify(statement, parameters)
     with ext.cursor(connection) as setup_cursor:
-        setup_cursor.execute(setup)  # no parameters: psycopg2 leaves every % as it is
+        # One message; no parameters: psycopg2 leaves every % as it is.
+        setup_cursor.execute("; ".join(setup))
 
 
-def execute_first(cursor: t.Any, statement: str, parameters: t.Any, setup: str) -> None:
+def execute_first(
+    cursor: t.Any, statement: str, parameters: t.Any, setup: t.Sequence[str]
+) -> None:
     """Run a transaction's first statement with its ``BEGIN`` and ``setup`` in one message.
 
     The caller checked that the statement is one that may (``_statements.opens_plainly``) on a
     :func:`plain_cursor`, with psycopg2 about to send ``BEGIN``. Raises what psycopg2 raises.
     """
     connection = cursor.connection
-    prefix = f"{_begin_sql(connection)}; {setup}".rstrip() + "\n"
+    prefix = "; ".join([_begin_sql(connection), *setup]) + ";\n"
     sent = prefix.replace("%", "%%") if parameters is not None else prefix
     notices: list[str] = connection.notices
     notices_before = notices[:]
