@@ -90,6 +90,16 @@ def _has_input(dbapi_connection: t.Any, record: ConnectionPoolEntry) -> bool:
     return bool(poller.poll(0))
 
 
+def wait_writable(fd: int, timeout: float) -> bool:
+    """True once ``fd`` can be written to (or failed) within ``timeout`` seconds."""
+    if not hasattr(select, "poll"):  # pragma: no cover - Windows
+        _, writable, errored = select.select([], [fd], [fd], timeout)
+        return bool(writable or errored)
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT | select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(max(0, math.ceil(timeout * 1000))))
+
+
 def wait_readable(fd: int, timeout: float) -> bool:
     """True once ``fd`` can be read (or is closed, or failed) within ``timeout`` seconds.
 

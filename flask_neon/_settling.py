@@ -70,8 +70,11 @@ def install(engine: sa.Engine, driver: Driver) -> None:
 
     def do_rollback(dbapi_connection: PoolProxiedConnection) -> None:
         if _AFTER_RESPONSE.get() and driver.send_rollback(dbapi_connection.dbapi_connection):
+            # The driver's own rollback would send another (or nothing, on psycopg2): the pool
+            # reads the reply before the connection is used again.
             dbapi_connection.info[_SENT] = time.monotonic()
-        dbapi_rollback(dbapi_connection)  # after a ROLLBACK sent: the driver sends nothing
+            return
+        dbapi_rollback(dbapi_connection)
 
     engine.dialect.do_rollback = do_rollback  # type: ignore[method-assign]
 
@@ -113,6 +116,11 @@ class SettlingQueuePool(QueuePool):
             self._settle(due, wait=self._timeout)
             return due
         return super()._do_get()
+
+    def recreate(self) -> QueuePool:
+        pool = t.cast(SettlingQueuePool, super().recreate())
+        pool.driver = self.driver  # engine.dispose() and the fork hook make a new pool
+        return pool
 
     def checkedout(self) -> int:
         """Connections in use, counting those whose ROLLBACK is in flight."""

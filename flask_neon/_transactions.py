@@ -112,11 +112,35 @@ class TransactionOpener:
         engine then)."""
         if isinstance(engine, sa.Engine):
             _openers[engine.dialect] = self
+            if not self.driver.COUNTS_TRANSACTIONS:
+                self._watch_ends(engine.dialect)
         # SQLAlchemy calls dialect listeners in the order they came (``insert`` is ignored for
         # them): flask-neon's come first, added as it builds the engine.
         event.listen(engine, "do_execute", self.execute)
         event.listen(engine, "do_execute_no_params", self.execute_no_params)
         event.listen(engine, "do_executemany", self.executemany)
+
+    def _watch_ends(self, dialect: sa.Dialect) -> None:
+        """Tell the driver when SQLAlchemy ends a transaction (through the engine's own dialect,
+        which every commit and rollback calls, rather than events that would put every statement
+        on SQLAlchemy's event path)."""
+        driver = self.driver
+        commit, rollback = dialect.do_commit, dialect.do_rollback
+
+        def do_commit(dbapi_connection: t.Any) -> None:
+            try:
+                commit(dbapi_connection)
+            finally:
+                driver.transaction_ended(dbapi_connection.dbapi_connection)
+
+        def do_rollback(dbapi_connection: t.Any) -> None:
+            try:
+                rollback(dbapi_connection)
+            finally:
+                driver.transaction_ended(dbapi_connection.dbapi_connection)
+
+        dialect.do_commit = do_commit  # type: ignore[method-assign]
+        dialect.do_rollback = do_rollback  # type: ignore[method-assign]
 
     # -- the events --------------------------------------------------------------------------
 

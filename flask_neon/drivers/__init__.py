@@ -19,6 +19,9 @@ class Driver(t.Protocol):
     FAST_BEGIN: bool
     #: True when a ROLLBACK can be sent without waiting for its reply.
     NOWAIT_ROLLBACK: bool
+    #: True when the DBAPI counts ended transactions itself; else ``transaction_ended`` must be
+    #: called for each commit and rollback.
+    COUNTS_TRANSACTIONS: bool
 
     def owns(self, dbapi_connection: t.Any) -> bool: ...
     def opens_transaction(self, connection: t.Any) -> bool: ...
@@ -26,6 +29,7 @@ class Driver(t.Protocol):
     def client_in_transaction(self, connection: t.Any) -> bool: ...
     def server_in_transaction(self, connection: t.Any) -> bool: ...
     def transaction_id(self, connection: t.Any) -> int: ...
+    def transaction_ended(self, connection: t.Any) -> None: ...
     def plain_cursor(self, cursor: t.Any) -> bool: ...
     def begin_then(
         self,
@@ -43,7 +47,7 @@ class Driver(t.Protocol):
     def green(self) -> bool: ...
 
 
-_MODULES = {"psycopg2": "psycopg2"}
+_MODULES = {"psycopg2": "psycopg2", "psycopg": "psycopg"}
 
 
 def for_dialect(dialect: t.Any) -> Driver | None:

@@ -160,6 +160,8 @@ _base_status = ext.connection.status  # psycopg2's own attribute, past any subcl
 FAST_BEGIN = None not in (_STATUS_OFFSET, _MARK_OFFSET, _PGERROR_OFFSET, _RESULT_OFFSET, _LIB)
 #: True when a ROLLBACK can be sent without waiting for its reply.
 NOWAIT_ROLLBACK = FAST_BEGIN
+#: psycopg2 counts the transactions it ends (``mark``): :func:`transaction_id` reads it.
+COUNTS_TRANSACTIONS = True
 
 
 def _set_status(connection: t.Any, status: int) -> None:
@@ -203,6 +205,10 @@ def client_in_transaction(connection: t.Any) -> bool:
         and not connection.autocommit
         and connection.status == ext.STATUS_BEGIN
     )
+
+
+def transaction_ended(connection: t.Any) -> None:
+    """SQLAlchemy committed or rolled back: psycopg2 counts that itself (``mark``)."""
 
 
 def in_autocommit(connection: t.Any) -> bool:
