@@ -27,6 +27,7 @@ from flask_neon.drivers import psycopg2 as psycopg2_driver
 
 from .conftest import admin_execute, wait_until
 from .http_server import LiveServer
+from .lock_probes import a_recreated_pool_keeps_its_driver
 from .proxy import FaultProxy
 
 TABLE = "request_end_rows"
@@ -444,3 +445,41 @@ def test_a_named_cursor_after_a_rollback_sent_without_waiting_is_as_after_psycop
             "closing": "ProgrammingError: named cursor isn't valid anymore",
         }
     )
+
+
+@pytest.mark.xfail(
+    not a_recreated_pool_keeps_its_driver(),
+    strict=True,
+    reason="bug: SettlingQueuePool.recreate() (engine.dispose(), and flask-neon's own fork hook "
+    "in every gunicorn --preload worker) does not carry `driver` over; the new pool counts a "
+    "ROLLBACK in flight as ended without reading its reply",
+)
+def test_a_rollback_that_fails_discards_the_connection_also_after_dispose(
+    database_url: str, proxy: FaultProxy, table: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # As test_a_rollback_that_fails_discards_the_connection, once the engine was disposed: what
+    # flask-neon's fork hook does in a process forked from one that used the engine.
+    with rollback_held(proxy, database_url) as (app, db):
+        with app.app_context():
+            db.engine.dispose()
+        proxy.hold = None
+        with LiveServer(app) as server:
+            # The new pool's first connection, by a write: its ROLLBACK is through before the
+            # answer, none is on its way when the hold begins.
+            assert server.get(f"/write/dispose-{uuid.uuid4().hex[:6]}/uncommitted").status == 200
+            proxy.held.clear()
+            proxy.release.clear()
+            proxy.hold = "ROLLBACK"
+            with released_at_the_end(proxy):
+                first = pid_of(server.get("/pid"))
+                wait_until(proxy.held.is_set, message="the ROLLBACK sent")
+                in_flight = checked_out(app, db)  # 1: kept aside until its reply
+                admin_execute(database_url, "SELECT pg_terminate_backend(%s)", [first])
+                wait_until(lambda: backend_state(database_url, first) == "gone", message="gone")
+            wait_until(lambda: checked_out(app, db) == 0, message="connection given up")
+            proxy.hold = None
+            after = server.get("/pid")  # the dead connection: 503 connection_lost
+            assert (in_flight, after.status) == (1, 200), after.text
+            assert "the ROLLBACK after a response failed" in caplog.text
+            assert pid_of(after) != first
+        assert server.errors == []
