@@ -91,19 +91,6 @@ def prepare_database(admin: Callable[[str], object]) -> None:
     admin(f"INSERT INTO {TABLE} VALUES {values} ON CONFLICT (id) DO NOTHING")
 
 
-def a_recreated_pool_keeps_its_driver() -> bool:
-    """Whether flask-neon's pool, recreated (``engine.dispose()``, the fork hook in a process
-    forked from one that built the engine), still reads the reply of a ROLLBACK in flight: it
-    does not at commit 7fb3658 (the xfail tests of tests/test_request_end.py and
-    tests/test_request_end_http.py)."""
-    from flask_neon._monitoring import MeasuredQueuePool
-
-    pool = MeasuredQueuePool(lambda: None)
-    pool.monitor = t.cast(t.Any, None)
-    pool.driver = t.cast(t.Any, "the driver")
-    return t.cast(MeasuredQueuePool, pool.recreate()).driver == "the driver"
-
-
 # -- the app ---------------------------------------------------------------------------------
 
 

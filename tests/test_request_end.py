@@ -27,7 +27,6 @@ from flask_neon.drivers import psycopg2 as psycopg2_driver
 
 from .conftest import admin_execute, wait_until
 from .http_server import LiveServer
-from .lock_probes import a_recreated_pool_keeps_its_driver
 from .proxy import FaultProxy
 
 TABLE = "request_end_rows"
@@ -447,18 +446,13 @@ def test_a_named_cursor_after_a_rollback_sent_without_waiting_is_as_after_psycop
     )
 
 
-@pytest.mark.xfail(
-    not a_recreated_pool_keeps_its_driver(),
-    strict=True,
-    reason="bug: SettlingQueuePool.recreate() (engine.dispose(), and flask-neon's own fork hook "
-    "in every gunicorn --preload worker) does not carry `driver` over; the new pool counts a "
-    "ROLLBACK in flight as ended without reading its reply",
-)
 def test_a_rollback_that_fails_discards_the_connection_also_after_dispose(
     database_url: str, proxy: FaultProxy, table: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     # As test_a_rollback_that_fails_discards_the_connection, once the engine was disposed: what
-    # flask-neon's fork hook does in a process forked from one that used the engine.
+    # flask-neon's fork hook does in a process forked from one that used the engine (gunicorn
+    # --preload). The recreated pool once lost its driver, and counted the ROLLBACK in flight
+    # as ended without reading its reply: the next request got the dead connection (a 503).
     with rollback_held(proxy, database_url) as (app, db):
         with app.app_context():
             db.engine.dispose()

@@ -105,9 +105,7 @@ def tracebacks_but_the_failing_view(log: str) -> int:
 #: client that sends a request only once it has the answer to its previous one; sync and gevent
 #: workers get as many streams as workers, so that a request does not wait in the listen
 #: queue behind another stream's (it would give the last ROLLBACK all the time it needs).
-#: No --preload: in a worker forked from a master that built the app, flask-neon's pool
-#: forgets how to read a ROLLBACK in flight (the xfail tests below and in
-#: tests/test_request_end.py), and the next request then waits for it inside libpq.
+#: No --preload (gunicorn's default; test_under_preload_... covers a forked app).
 SERVERS: dict[str, tuple[str, dict[str, t.Any], int, bool]] = {
     "sync": ("sync", {"workers": 2}, 2, False),
     "gthread": ("gthread", {"workers": 1, "threads": 4}, 4, False),
@@ -215,19 +213,14 @@ def test_a_plain_reads_rollback_comes_after_the_response_a_locking_ones_before(
     assert found == ROLLBACK_COMES
 
 
-@pytest.mark.xfail(
-    not lock_probes.a_recreated_pool_keeps_its_driver(),
-    strict=True,
-    raises=TimeoutError,
-    reason="bug: in a worker forked from the master that built the app (--preload), "
-    "flask-neon's fork hook disposes the engine, and the recreated pool lacks the driver "
-    "that reads a ROLLBACK's reply: it hands the connection out with the ROLLBACK in flight",
-)
 def test_under_preload_the_next_request_does_not_wait_for_a_rollback_in_flight(
     probe_database: str, proxy: FaultProxy, tmp_path: pathlib.Path
 ) -> None:
     # As tests/test_request_end.py's test_the_request_thread_does_not_wait_for_the_rollback_reply,
-    # in a gunicorn worker forked from a master that imported the app.
+    # in a gunicorn worker forked from a master that imported the app: flask-neon's fork hook
+    # disposes the engine there, and the recreated pool once lost the driver that reads a
+    # ROLLBACK's reply (it handed the connection out with the ROLLBACK in flight, and the
+    # next request waited for it in libpq: no answer within 3 s).
     env = app_env(proxy.url(probe_database), "flask_neon")
     with Gunicorn("sync", env, tmp_path, preload=True) as server:
         # SQLAlchemy's first ROLLBACK (its dialect setup) and a write's go before the answer:
