@@ -58,23 +58,32 @@ class _Handoff:
         self.state = state
         self.sessions: list[orm.Session] = []
         self.done = False
+        self.expired = False
         self._lock = threading.Lock()
 
     def close(self) -> None:
         """The response's close callback: end the sessions without waiting for the reply."""
+        if self.expired and not self.state.hand_over:
+            # Late, not missing (a slow client held the server's write): the server does call
+            # close(), so the app's reading sessions may end after the response again.
+            self.state.hand_over = True
+            log.info("flask-neon: a late response close() came; sessions end after it again")
         sessions = self._take()
         if sessions:
             with after_response():  # the ROLLBACK goes out without waiting for its reply
                 close_sessions(sessions, self.state)
 
     def expire(self) -> None:
-        """The response's ``close()`` never came: end the sessions now, and from now on end the
-        app's sessions before the response."""
+        """The response's ``close()`` has not come: end the sessions now, and until a close()
+        comes, end the app's sessions before the response."""
         sessions = self._take()
         if not sessions:
             return
+        self.expired = True
         close_sessions(sessions, self.state)
-        if self.state.hand_over:
+        with _warning_lock:
+            if not self.state.hand_over:
+                return
             self.state.hand_over = False
             log.warning(
                 "flask-neon: a response of app %r was not closed within %g s (a WSGI "
@@ -132,6 +141,7 @@ class _Watchdog:
 
 _watchdog: _Watchdog | None = None
 _watchdog_lock = threading.Lock()
+_warning_lock = threading.Lock()
 _thread_state = threading.local()
 
 
