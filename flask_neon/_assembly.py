@@ -61,17 +61,21 @@ def build_state(
         read_raw=_secret(settings.read_url),
         pooled=settings.pooled,
         require_tls=require_tls,
+        driver=settings.driver,
     )
     pool = pool_config(loaded, profile)
     leak_threshold = settings.leak_threshold
     if leak_threshold is None:
         leak_threshold = DEVELOPMENT_LEAK_THRESHOLD if development else 0
     bind_urls = {
-        key: _bind_url(key, value, require_tls=require_tls)
+        key: _bind_url(key, value, require_tls=require_tls, driver=settings.driver)
         for key, value in settings.binds.items()
     }
     every_url = [urls.primary, urls.direct, urls.read]
     every_url += [url for bind, _ in bind_urls.values() for url in (bind, bind.direct())]
+    for url in every_url:
+        if url is not None:
+            drivers.require(url.driver, url.setting)
     # Every checker masks every URL's secrets: a driver message may quote any of them.
     secrets = [secret for url in every_url if url for secret in url.secrets()]
     # Migrations and checks are one connection at a time: a tiny pool is enough.
@@ -159,7 +163,7 @@ def build_state(
 
 
 def _bind_url(
-    key: str, value: str | t.Mapping[str, t.Any], *, require_tls: bool
+    key: str, value: str | t.Mapping[str, t.Any], *, require_tls: bool, driver: str
 ) -> tuple[DatabaseURL, dict[str, t.Any]]:
     """The URL of one ``DB_BINDS`` entry and its engine options (Flask-SQLAlchemy's forms)."""
     setting = f"{key_for('binds')}[{key!r}]"
@@ -169,7 +173,8 @@ def _bind_url(
         raise NeonConfigError(
             f"{setting} has no url: give a URL, or create_engine() options with a 'url' key."
         )
-    return apply_tls_policy(parse_url(raw, setting), require_tls=require_tls), options
+    url = apply_tls_policy(parse_url(raw, setting, driver), require_tls=require_tls)
+    return url, options
 
 
 def _read_only(engine: sa.Engine) -> sa.Engine:

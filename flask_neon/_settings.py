@@ -209,6 +209,12 @@ class NeonSettings(BaseSettings):
         description="Seconds in the Retry-After header of every 503 answer (an outage seen by a "
         "view, an unhealthy GET /health/db).",
     )
+    driver: t.Literal["psycopg2", "psycopg"] = Field(
+        default="psycopg2",
+        description="The DBAPI driver for URLs that name none (postgresql://, postgres://): "
+        "psycopg2, or psycopg (psycopg 3, the extra flask-neon[psycopg]). A URL's own "
+        "postgresql+psycopg:// or postgresql+psycopg2:// is honoured as written.",
+    )
     fast_begin: bool = Field(
         default=True,
         description="Send BEGIN in the same round trip as a transaction's first statement "

@@ -1,6 +1,6 @@
 """Database URLs. SQLAlchemy's ``make_url`` and ``URL`` parse, quote and render them; this module
-adds what SQLAlchemy does not know: the psycopg2 driver, Neon's pooled and direct hosts, the TLS
-policy, which values are secrets, and how the URLs of one app relate."""
+adds what SQLAlchemy does not know: the driver (psycopg2 or psycopg 3), Neon's pooled and
+direct hosts, the TLS policy, which values are secrets, and how the URLs of one app relate."""
 
 from __future__ import annotations
 
@@ -15,8 +15,10 @@ from sqlalchemy.exc import ArgumentError
 
 from ._errors import NeonConfigError
 
-# SQLAlchemy 2.1 maps postgresql:// to psycopg 3, which flask-neon does not install.
-DRIVER = "postgresql+psycopg2"
+#: The DBAPI drivers flask-neon knows, by SQLAlchemy's name; the first is the default.
+DRIVERS = ("psycopg2", "psycopg")
+# SQLAlchemy 2.1 maps postgresql:// to psycopg 3, 2.0 to psycopg2: the driver is always named.
+_SCHEMES = ("postgresql", "postgres", *(f"postgresql+{driver}" for driver in DRIVERS))
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _ALLOWED = {"sslmode": SSLMODES, "channel_binding": ("disable", "prefer", "require")}
 _FILE_PARAMS = ("sslrootcert", "sslcert", "sslkey", "sslcrl")  # files libpq will open
@@ -39,6 +41,8 @@ class DatabaseURL:
     database: str
     query: tuple[tuple[str, str], ...] = ()
     setting: str = "DB_URL"  # named in every error about this URL
+    #: The DBAPI driver: the URL's own (``postgresql+psycopg://``), else ``DB_DRIVER``'s.
+    driver: str = DRIVERS[0]
 
     @property
     def query_dict(self) -> dict[str, str]:
@@ -93,9 +97,9 @@ class DatabaseURL:
         return dataclasses.replace(self, host=f"{first[: -len('-pooler')]}.{rest}")
 
     def to_sqlalchemy(self) -> URL:
-        """The URL SQLAlchemy connects with, always on the psycopg2 driver."""
+        """The URL SQLAlchemy connects with, naming its driver."""
         parts = (self.username, self.password, self.host, self.port, self.database)
-        return URL.create(DRIVER, *parts, query=self.query_dict)
+        return URL.create(f"postgresql+{self.driver}", *parts, query=self.query_dict)
 
     def masked(self) -> str:
         """The URL for logs and the CLI: ``postgresql://alex:***@host/db?sslmode=require``."""
@@ -115,8 +119,9 @@ class DatabaseURL:
     __str__ = __repr__ = masked
 
 
-def parse_url(raw: str, setting: str = "DB_URL") -> DatabaseURL:
-    """Parse and check a ``postgres://``, ``postgresql://`` or ``postgresql+psycopg2://`` URL.
+def parse_url(raw: str, setting: str = "DB_URL", driver: str = DRIVERS[0]) -> DatabaseURL:
+    """Parse and check a ``postgres://``, ``postgresql://``, ``postgresql+psycopg2://`` or
+    ``postgresql+psycopg://`` URL. A URL that names no driver gets ``driver``.
 
     User name and password may be percent-encoded, or hold ``@``, ``:``, ``/``, ``#`` as is.
     Errors (:class:`NeonConfigError`) name ``setting`` and never show the password.
@@ -128,18 +133,20 @@ def parse_url(raw: str, setting: str = "DB_URL") -> DatabaseURL:
     if not sep or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.\-]*", scheme):
         # Nothing of the value is shown: without a scheme, any part of it may be the password.
         raise NeonConfigError(f"{setting} is not a URL. Expected a URL like {_EXAMPLE}.")
-    if scheme.lower() not in ("postgresql", "postgres", DRIVER):
+    if scheme.lower() not in _SCHEMES:
         raise NeonConfigError(
-            f"{setting} must be a PostgreSQL URL (postgresql://, postgres:// or {DRIVER}://), "
+            f"{setting} must be a PostgreSQL URL ({', '.join(f'{s}://' for s in _SCHEMES)}), "
             f"got '{scheme}://...'."
         )
+    _, plus, named = scheme.lower().partition("+")
+    driver = named if plus else driver
     if found := _USERINFO.match(rest):  # re-quoted, so that make_url reads what was typed raw
         user, colon, password = found[1].partition(":")
         userinfo = quote(unquote(user), safe="") + colon + quote(unquote(password), safe="")
         rest = f"{userinfo}@{rest[found.end() :]}"
     bad_port = f"{setting} has an invalid port ({scheme}://...); use a number from 1 to 65535."
     try:
-        parsed = make_url(f"{DRIVER}://{rest}")
+        parsed = make_url(f"postgresql://{rest}")
     except (ValueError, ArgumentError):  # int() failed on the port; the message quotes the URL
         raise NeonConfigError(bad_port) from None
     if parsed.port is not None and not 1 <= parsed.port <= 65535:
@@ -148,7 +155,7 @@ def parse_url(raw: str, setting: str = "DB_URL") -> DatabaseURL:
     query = tuple((k, v if isinstance(v, str) else v[-1]) for k, v in parsed.query.items())
     host = unquote(parsed.host) if parsed.host else None  # libpq's '%2Frun%2Fpostgresql' form
     parts = (parsed.username or None, parsed.password, host, parsed.port, parsed.database or "")
-    url = DatabaseURL(*parts, query, setting)
+    url = DatabaseURL(*parts, query, setting, driver)
     if not url.effective_host or not url.database:
         missing = "database name" if url.effective_host else "host"
         raise NeonConfigError(f"{setting} has no {missing} ({url.masked()}), e.g. {_EXAMPLE}.")
@@ -208,11 +215,13 @@ def resolve_urls(
     read_raw: str | None,
     pooled: bool | None,
     require_tls: bool,
+    driver: str = DRIVERS[0],
 ) -> ResolvedURLs:
-    """Parse ``DB_URL``, ``DB_DIRECT_URL`` and ``DB_READ_URL`` and check how they relate."""
+    """Parse ``DB_URL``, ``DB_DIRECT_URL`` and ``DB_READ_URL`` and check how they relate; a URL
+    that names no driver gets ``driver``."""
 
     def load(value: str, setting: str) -> DatabaseURL:
-        return apply_tls_policy(parse_url(value, setting), require_tls=require_tls)
+        return apply_tls_policy(parse_url(value, setting, driver), require_tls=require_tls)
 
     def target(url: DatabaseURL) -> tuple[str, int, str, str | None]:
         return (url.effective_host.lower(), url.port or 5432, url.database, url.username)

@@ -7,7 +7,10 @@ Nothing else in flask-neon imports a driver. A module of this package is a :clas
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import typing as t
+
+from .._errors import NeonConfigError
 
 
 class Driver(t.Protocol):
@@ -48,6 +51,18 @@ class Driver(t.Protocol):
 
 
 _MODULES = {"psycopg2": "psycopg2", "psycopg": "psycopg"}
+#: What to install for each driver.
+_EXTRAS = {"psycopg2": "flask-neon[psycopg2]", "psycopg": "flask-neon[psycopg]"}
+
+
+def require(name: str, setting: str) -> None:
+    """Raise a config error naming ``setting`` and the extra to install when the DBAPI ``name``
+    is not installed."""
+    if importlib.util.find_spec(name) is None:
+        raise NeonConfigError(
+            f"{setting} uses the {name} driver, which is not installed: "
+            f"pip install '{_EXTRAS[name]}' (or set DB_DRIVER to the other driver)."
+        )
 
 
 def for_dialect(dialect: t.Any) -> Driver | None:
