@@ -159,6 +159,12 @@ def _connect_args(
         "keepalives_interval": 10,
         "keepalives_count": 3,
     }
+    if url.driver == "psycopg":
+        # No server-side prepared statements (DB_ENGINE_OPTIONS' connect_args may ask for them):
+        # a transaction-mode pooler before PgBouncer 1.22 loses them between transactions, and
+        # psycopg deallocates them after each rollback, which the ROLLBACK sent after a response
+        # without waiting would skip.
+        defaults["prepare_threshold"] = None
     return {key: value for key, value in defaults.items() if key not in query}
 
 

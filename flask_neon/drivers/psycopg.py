@@ -130,7 +130,7 @@ def begin_then(
     """psycopg's way: let it send ``BEGIN``, then run the ``setup`` statements. (psycopg sends
     its ``BEGIN`` before it looks at a statement's parameters: the statement is not needed.)"""
     for command in setup:
-        connection.execute(command)
+        connection.execute(command, prepare=False)
 
 
 def execute_first(
@@ -147,9 +147,10 @@ def execute_first(
     _switched.add(connection)
     try:
         with connection.pipeline():
-            connection.execute(begin)
+            # flask-neon's own commands are never prepared (nor counted towards it).
+            connection.execute(begin, prepare=False)
             for command in setup:
-                connection.execute(command)
+                connection.execute(command, prepare=False)
             cursor.execute(statement, parameters)
     except BaseException:
         _give_back_autocommit(connection)  # if nothing began: the connection is as it was
