@@ -19,8 +19,8 @@ def pytest_sessionstart(session: t.Any) -> None:
     import sqlalchemy as sa
 
     from flask_neon import driver
+    from flask_neon._drivers import psycopg2
     from flask_neon._transactions import TransactionOpener
-    from flask_neon.drivers import psycopg2
 
     assert driver.AVAILABLE, "fast BEGIN is not available on this interpreter"
 

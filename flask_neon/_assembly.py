@@ -15,7 +15,7 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 from sqlalchemy import orm
 
-from . import _timing, drivers
+from . import _drivers, _timing
 from ._engine import make_engine
 from ._errors import NeonConfigError
 from ._monitoring import PoolMonitor, install_slow_query_log
@@ -75,7 +75,7 @@ def build_state(
     every_url += [url for bind, _ in bind_urls.values() for url in (bind, bind.direct())]
     for url in every_url:
         if url is not None:
-            drivers.require(url.driver, url.setting)
+            _drivers.require(url.driver, url.setting)
     # Every checker masks every URL's secrets: a driver message may quote any of them.
     secrets = [secret for url in every_url if url for secret in url.secrets()]
     # Migrations and checks are one connection at a time: a tiny pool is enough.
@@ -105,7 +105,7 @@ def build_state(
         if settings.slow_query_ms:
             install_slow_query_log(engine, settings.slow_query_ms)
         if settings.server_timing:
-            driver = drivers.for_dialect(engine.dialect)
+            driver = _drivers.for_dialect(engine.dialect)
             fast = settings.fast_begin and driver is not None and driver.FAST_BEGIN
             _timing.install(engine, begin_is_free=fast)
         if settings.metrics and url is urls.primary:

@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from . import _settling, drivers
+from . import _drivers, _settling
 from ._context import DatabaseContext
 from ._errors import NeonConfigError, classify
 from ._liveness import LivenessCheck
@@ -127,7 +127,7 @@ def make_engine(
         if mode == "transaction"
         else ()
     )
-    driver = drivers.for_dialect(engine.dialect)
+    driver = _drivers.for_dialect(engine.dialect)
     if driver is not None:
         # The limits and the context travel with BEGIN and the first statement where that is
         # identical (fast BEGIN), or follow the driver's own BEGIN.

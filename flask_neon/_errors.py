@@ -321,15 +321,15 @@ def classify(exc: BaseException, secrets: t.Iterable[str] = ()) -> ErrorCause:
     """Name the cause of a database error and say what to do about it.
 
     Args:
-        exc: A psycopg2 or SQLAlchemy exception (any exception is accepted).
+        exc: A psycopg2, psycopg or SQLAlchemy exception (any exception is accepted).
         secrets: Strings to mask in the detail, typically the database password.
     """
     driver = exc
     if isinstance(exc, sa_exc.StatementError) and exc.orig is not None:
-        driver = exc.orig  # the psycopg2 exception behind SQLAlchemy's wrapper
+        driver = exc.orig  # the driver's exception behind SQLAlchemy's wrapper
     # A wrapper's own text carries the SQL; the driver's message is what names the cause.
     text = str(driver).split("\n[SQL:", 1)[0]
-    sqlstate = getattr(driver, "pgcode", None)
+    sqlstate = getattr(driver, "pgcode", None) or getattr(driver, "sqlstate", None)
     lowered = text.lower()
     by_code = [r for r in _RULES if sqlstate and sqlstate in r.sqlstates]
     by_text = [r for r in _RULES if any(re.search(p, lowered) for p in r.patterns)]
@@ -344,8 +344,6 @@ def classify(exc: BaseException, secrets: t.Iterable[str] = ()) -> ErrorCause:
 def mask_secrets(text: str, secrets: t.Iterable[str]) -> str:
     """Replace every secret in ``text``, also in its URL-escaped spellings, with ``***``."""
     for secret in secrets:
-        if not secret:
-            continue
-        for spelling in {secret, quote(secret, safe=""), quote_plus(secret, safe="")}:
+        for spelling in {secret, quote(secret, safe=""), quote_plus(secret, safe="")} - {""}:
             text = text.replace(spelling, "***")
     return text

@@ -3,7 +3,7 @@
 A request's transaction with nothing to commit ends after its response has been handed to the
 WSGI server (``_request``). psycopg2's ``rollback()`` would still keep the worker thread until
 the server's reply, a round trip: a keep-alive client's next request waits for it. Here the
-``ROLLBACK`` is sent without waiting (``drivers``: libpq's ``PQsendQuery``) and the thread goes
+``ROLLBACK`` is sent without waiting (``_drivers``: libpq's ``PQsendQuery``) and the thread goes
 on; the driver's books are kept as its own ``rollback()`` keeps them, so the rollbacks
 SQLAlchemy and the pool run next send nothing.
 
@@ -14,7 +14,7 @@ when waiting for it costs less than opening one, and waits for it then, bounded 
 timeout. A failed ``ROLLBACK``, or no reply within the pool timeout, discards the connection.
 
 Only for the rollback of a request's sessions after its response (:func:`after_response`), and
-only where the driver can (``drivers``: psycopg2 without a wait callback; under gevent and
+only where the driver can (``_drivers``: psycopg2 without a wait callback; under gevent and
 eventlet the driver's own rollback runs).
 """
 
@@ -29,7 +29,7 @@ import typing as t
 import sqlalchemy as sa
 from sqlalchemy.pool import ConnectionPoolEntry, PoolProxiedConnection, QueuePool
 
-from .drivers import Driver
+from ._drivers import Driver
 
 log = logging.getLogger("flask_neon")
 

@@ -8,7 +8,7 @@ logging and tracing read. For each statement on a DBAPI connection:
 
 * When the driver would open a transaction before it, the transaction's setup (the
   ``SET LOCAL`` limits through a pooler, the request's settings and role) goes first. With fast
-  BEGIN, the driver sends ``BEGIN``, setup and statement in one message (``drivers``), only
+  BEGIN, the driver sends ``BEGIN``, setup and statement in one message (``_drivers``), only
   for a statement of a kind that allows it (``_statements.opens_plainly``), on the driver's
   plain cursor, and while nothing else listens to the event or replaces the dialect's own
   ``do_execute``; otherwise the driver's own ``BEGIN`` goes, then the setup, then the statement
@@ -33,7 +33,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine.default import DefaultDialect
 
-from . import drivers
+from . import _drivers
 from ._context import DatabaseContext, reset_statements
 from ._errors import NeonStateError
 from ._statements import first_word, opens_plainly, plain_read
@@ -86,7 +86,7 @@ class TransactionOpener:
     """The dialect events of one engine (see the module).
 
     Args:
-        driver: The module of the engine's DBAPI (``flask_neon.drivers``).
+        driver: The module of the engine's DBAPI (``flask_neon._drivers``).
         limits: Statements that open every transaction, e.g. ``SET LOCAL`` session limits
             through a pooler. None by default.
         context: Gives the database context of the transaction beginning now (it may raise:
@@ -96,7 +96,7 @@ class TransactionOpener:
 
     def __init__(
         self,
-        driver: drivers.Driver,
+        driver: _drivers.Driver,
         limits: t.Sequence[str] = (),
         context: ContextSource | None = None,
         *,

@@ -134,8 +134,9 @@ def parse_url(raw: str, setting: str = "DB_URL", driver: str = DRIVERS[0]) -> Da
         # Nothing of the value is shown: without a scheme, any part of it may be the password.
         raise NeonConfigError(f"{setting} is not a URL. Expected a URL like {_EXAMPLE}.")
     if scheme.lower() not in _SCHEMES:
+        *others, last = (f"{known}://" for known in _SCHEMES)
         raise NeonConfigError(
-            f"{setting} must be a PostgreSQL URL ({', '.join(f'{s}://' for s in _SCHEMES)}), "
+            f"{setting} must be a PostgreSQL URL ({', '.join(others)} or {last}), "
             f"got '{scheme}://...'."
         )
     _, plus, named = scheme.lower().partition("+")

@@ -4,7 +4,7 @@ first statement, nothing else an application can observe changes.
 flask-neon installs it on its own engines (``DB_FAST_BEGIN``, on by default); :func:`install`
 puts it on another engine, or on every engine (the ``Engine`` class). The mechanism and its
 proof: docs/fast-begin.md; the code: ``flask_neon._transactions`` and
-``flask_neon.drivers.psycopg2``.
+``flask_neon._drivers.psycopg2``.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import typing as t
 
 import sqlalchemy as sa
 
+from ._drivers import psycopg2 as _psycopg2
 from ._transactions import TransactionOpener
-from .drivers import psycopg2 as _psycopg2
 
 #: True when fast BEGIN is possible on this interpreter (psycopg2's fields could be located and
 #: checked); otherwise psycopg2 sends its ``BEGIN`` as always.

@@ -12,10 +12,11 @@ PACKAGE = pathlib.Path(flask_neon.__file__).resolve().parent
 
 #: Bottom to top. A module imports only from layers below its own.
 LAYERS: list[set[str]] = [
-    {"_errors", "_retry", "driver", "_pagination", "_session", "_timing", "_liveness"},
-    {"_models", "_context", "_settling"},
-    {"_settings", "_url", "_probe", "_monitoring"},
-    {"_settings_loader", "_metrics"},
+    {"_errors", "_retry", "_pagination", "_session", "_timing", "_liveness", "_statements"},
+    {"_models", "_context", "_drivers"},
+    {"_settings", "_url", "_probe", "_settling", "_transactions"},
+    {"_settings_loader", "_monitoring", "driver"},
+    {"_metrics"},
     {"_profiles"},
     {"_engine"},
     {"_state"},
@@ -26,6 +27,9 @@ LAYERS: list[set[str]] = [
 ]
 #: Support packages: above the runtime, never imported by it.
 SUPPORT = {"local", "testing"}
+#: The drivers' package: one module per DBAPI, its own layer (it imports only _errors and
+#: _liveness); nothing but these modules imports a DBAPI.
+DRIVER_PACKAGE = "_drivers"
 MAX_LINES = 350
 
 
@@ -103,3 +107,23 @@ def test_everything_else_is_private() -> None:
     names = {path.stem for path in PACKAGE.glob("*.py")}
     names |= {path.name for path in PACKAGE.iterdir() if (path / "__init__.py").exists()}
     assert {name for name in names if not name.startswith("_")} | {"__init__"} == PUBLIC_MODULES
+
+
+def test_only_the_driver_modules_import_a_driver() -> None:
+    # What differs between DBAPIs lives in one module per driver (DESIGN.md); the embedded
+    # server's admin connection (local/) is support, not the runtime.
+    dbapis = {"psycopg2", "psycopg"}
+    importers = set()
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).parts
+        if parts[0] in {DRIVER_PACKAGE, *SUPPORT}:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            if any(name.split(".")[0] in dbapis for name in names):
+                importers.add("/".join(parts))
+    assert importers == set()

@@ -22,8 +22,8 @@ import sqlalchemy as sa
 from flask import Flask, abort, stream_with_context
 
 from flask_neon import NeonDB
+from flask_neon._drivers import _psycopg2_c
 from flask_neon._settling import SettlingQueuePool
-from flask_neon.drivers import psycopg2 as psycopg2_driver
 
 from .conftest import admin_execute, wait_until
 from .http_server import LiveServer
@@ -426,9 +426,9 @@ def test_a_named_cursor_after_a_rollback_sent_without_waiting_is_as_after_psycop
     # invalid: closing one later (in the next request, on the same connection) sends nothing
     # into that request's transaction. The ROLLBACK sent without waiting must leave the same.
     ended: list[t.Any] = []
-    end_transaction = psycopg2_driver._end_transaction
+    end_transaction = _psycopg2_c.end_transaction
     monkeypatch.setattr(
-        psycopg2_driver, "_end_transaction", lambda c: (ended.append(c), end_transaction(c))[-1]
+        _psycopg2_c, "end_transaction", lambda c: (ended.append(c), end_transaction(c))[-1]
     )
     psycopg2_way = named_cursor_steps(database_url, kind, DB_FAST_BEGIN=False)
     assert ended == []

@@ -6,33 +6,39 @@ psycopg2 keeps one client-side fact about transactions, ``connection.status``
 "ready", and ``commit()``, ``rollback()``, named cursors, ``with conn:``... all read it. It runs
 every statement with libpq's ``PQexec`` (the simple-query protocol), so the only way to send
 ``BEGIN`` with the first statement is one message holding both:
-``BEGIN [options]; <setup>;\\n<statement>``. The flag has no setter: it is a C field, whose
-place is read from psycopg2's own attribute descriptor and checked (:data:`FAST_BEGIN` is
-false when that cannot be verified). docs/fast-begin.md explains what is identical and why.
+``BEGIN [options]; <setup>;\\n<statement>``. The flag has no setter: it is a C field, written
+through ``_psycopg2_c`` (:data:`FAST_BEGIN` is false when its place cannot be verified).
+docs/fast-begin.md explains what is identical and why.
 
 What the server reports about the statement must read as psycopg2's own: an error's position
 counts from the start of the message, and libpq's excerpt of the failing line numbers lines
 from there. The statement starts on a line of its own, so the excerpt is the statement's own
-line under a number one too high: :func:`_restore_position` puts back the number, and the
+line under a number one too high: :func:`_restore_positions` puts back the number, and the
 position psycopg2's ``diag`` reads (in the error's libpq result, through libpq's own
 ``PQresultErrorField``).
 """
 
 from __future__ import annotations
 
-import ctypes
 import re
-import sys
 import time
 import typing as t
 
 import psycopg2  # type: ignore[import-untyped]
-import psycopg2._psycopg as _psycopg_module  # type: ignore[import-untyped]
 import psycopg2.extensions as ext  # type: ignore[import-untyped]
 
 from .._liveness import wait_readable
+from . import _psycopg2_c as c
 
 name = "psycopg2"
+
+#: True when a transaction can be opened with its first statement, psycopg2's books kept and
+#: the server's report of a failing statement read as psycopg2's own (``_psycopg2_c``).
+FAST_BEGIN = c.FOUND
+#: True when a ROLLBACK can be sent without waiting for its reply.
+NOWAIT_ROLLBACK = c.FOUND
+#: psycopg2 counts the transactions it ends (``mark``): :func:`transaction_id` reads it.
+COUNTS_TRANSACTIONS = True
 
 # How psycopg2 spells BEGIN's options (psycopg/pqpath.c, pq_begin_locked).
 _ISOLATION = {1: "READ COMMITTED", 2: "REPEATABLE READ", 3: "SERIALIZABLE", 4: "READ UNCOMMITTED"}
@@ -40,145 +46,6 @@ _ISOLATION = {1: "READ COMMITTED", 2: "REPEATABLE READ", 3: "SERIALIZABLE", 4: "
 _REJECTED_TEXT = ("42", "22", "54", "0A")
 _PGRES_COMMAND_OK = 1
 _PQTRANS_IDLE, _PQTRANS_INTRANS, _PQTRANS_INERROR = 0, 2, 3
-_PG_DIAG_SQLSTATE, _PG_DIAG_STATEMENT_POSITION = ord("C"), ord("P")
-
-
-# -- psycopg2's C fields -------------------------------------------------------------------------
-
-
-class _MemberDef(ctypes.Structure):
-    # CPython's PyMemberDef: what a read-only C attribute such as ``status`` is made of.
-    _fields_ = [
-        ("name", ctypes.c_char_p),
-        ("type", ctypes.c_int),
-        ("offset", ctypes.c_ssize_t),
-        ("flags", ctypes.c_int),
-        ("doc", ctypes.c_char_p),
-    ]
-
-
-_T_INT, _T_LONG, _T_OBJECT = 1, 2, 6  # structmember.h
-_READONLY = 1
-_POINTER = ctypes.sizeof(ctypes.c_void_p)
-
-
-def _member_offset(owner: type, member: str, kind: int) -> int | None:
-    """Where instances of the C type ``owner`` keep the read-only attribute ``member``.
-
-    A member descriptor (``PyMemberDescrObject``) is an object header, three pointers (type,
-    name, qualified name) and a pointer to the ``PyMemberDef`` psycopg2 declared. The result
-    is used only when that declaration names ``member``, of C type ``kind``, read-only.
-    """
-    descriptor = owner.__dict__.get(member)
-    if sys.implementation.name != "cpython" or type(descriptor).__name__ != "member_descriptor":
-        return None
-    header = object.__basicsize__ + 3 * _POINTER
-    member_pointer = ctypes.c_void_p.from_address(id(descriptor) + header).value
-    if not member_pointer:
-        return None
-    declared = _MemberDef.from_address(member_pointer)
-    if (
-        declared.name != member.encode()
-        or declared.type != kind
-        or not declared.flags & _READONLY
-        or not 0 < declared.offset < owner.__basicsize__
-    ):
-        return None
-    return int(declared.offset)
-
-
-def _mark_offset(status_offset: int | None) -> int | None:
-    """Where psycopg2 counts ended transactions (``mark``); None when it cannot be verified.
-
-    ``mark`` has no attribute: psycopg2's ``connectionObject`` declares it as the one ``long``
-    between ``closed`` and ``status``, which have. Used only when those two are exactly one
-    ``long`` apart.
-    """
-    closed_offset = _member_offset(ext.connection, "closed", _T_LONG)
-    size = ctypes.sizeof(ctypes.c_long)
-    if status_offset is None or closed_offset is None or closed_offset + 2 * size != status_offset:
-        return None
-    return closed_offset + size
-
-
-def _error_result_offset() -> int | None:
-    """Where a psycopg2 error keeps its libpq result (``pgres``), which ``diag`` reads.
-
-    psycopg2's ``errorObject`` declares ``pgerror``, ``pgcode`` and ``cursor`` (attributes),
-    then a decoder and the result, and nothing after: used only when the three attributes are
-    consecutive and the object ends one decoder and one result after ``cursor``.
-    """
-    offsets = [
-        _member_offset(psycopg2.Error, n, _T_OBJECT) for n in ("pgerror", "pgcode", "cursor")
-    ]
-    if None in offsets:
-        return None
-    pgerror, pgcode, cursor = t.cast(list[int], offsets)
-    if pgcode != pgerror + _POINTER or cursor != pgcode + _POINTER:
-        return None
-    if psycopg2.Error.__basicsize__ != cursor + 3 * _POINTER:
-        return None
-    return cursor + 2 * _POINTER
-
-
-def _libpq() -> t.Any:
-    """psycopg2's own libpq (the one that made its connections), or None."""
-    try:
-        # PyDLL: calls keep the GIL. Each is a few microseconds and never blocks (the wait
-        # for a reply is a poll()); CDLL would release and retake the GIL per call, and
-        # under load every release lets another request thread in.
-        lib = ctypes.PyDLL(_psycopg_module.__file__)
-        pointer = ctypes.c_void_p
-        for function_name, result, arguments in (
-            ("PQsendQuery", ctypes.c_int, [pointer, ctypes.c_char_p]),
-            ("PQconsumeInput", ctypes.c_int, [pointer]),
-            ("PQisBusy", ctypes.c_int, [pointer]),
-            ("PQgetResult", pointer, [pointer]),
-            ("PQresultStatus", ctypes.c_int, [pointer]),
-            ("PQresultErrorMessage", ctypes.c_char_p, [pointer]),
-            ("PQresultErrorField", pointer, [pointer, ctypes.c_int]),
-            ("PQclear", None, [pointer]),
-            ("PQtransactionStatus", ctypes.c_int, [pointer]),
-            ("PQerrorMessage", ctypes.c_char_p, [pointer]),
-        ):
-            function = getattr(lib, function_name)
-            function.restype, function.argtypes = result, arguments
-    except (OSError, AttributeError, ImportError):
-        return None
-    return lib
-
-
-_STATUS_OFFSET = _member_offset(ext.connection, "status", _T_INT)
-_MARK_OFFSET = _mark_offset(_STATUS_OFFSET)
-_PGERROR_OFFSET = _member_offset(psycopg2.Error, "pgerror", _T_OBJECT)
-_RESULT_OFFSET = _error_result_offset()
-_LIB = _libpq()
-_base_status = ext.connection.status  # psycopg2's own attribute, past any subclass
-
-#: True when a transaction can be opened with its first statement, psycopg2's books kept and
-#: the server's report of a failing statement read as psycopg2's own.
-FAST_BEGIN = None not in (_STATUS_OFFSET, _MARK_OFFSET, _PGERROR_OFFSET, _RESULT_OFFSET, _LIB)
-#: True when a ROLLBACK can be sent without waiting for its reply.
-NOWAIT_ROLLBACK = FAST_BEGIN
-#: psycopg2 counts the transactions it ends (``mark``): :func:`transaction_id` reads it.
-COUNTS_TRANSACTIONS = True
-
-
-def _set_status(connection: t.Any, status: int) -> None:
-    """Set psycopg2's own transaction flag, as its ``BEGIN`` / ``ROLLBACK`` set it."""
-    assert _STATUS_OFFSET is not None
-    field = ctypes.c_int.from_address(id(connection) + _STATUS_OFFSET)
-    if field.value != _base_status.__get__(connection):  # not the layout checked at import
-        raise RuntimeError("psycopg2's connection status field moved; disable DB_FAST_BEGIN")
-    field.value = status
-
-
-def _end_transaction(connection: t.Any) -> None:
-    """Record a transaction as ended, as psycopg2's ``rollback()`` does once it sent ``ROLLBACK``:
-    one more ended transaction (which makes its named cursors invalid) and status "ready"."""
-    assert _MARK_OFFSET is not None
-    _set_status(connection, ext.STATUS_READY)  # first: it checks the layout it writes to
-    ctypes.c_long.from_address(id(connection) + _MARK_OFFSET).value += 1
 
 
 # -- reading a connection ------------------------------------------------------------------------
@@ -218,9 +85,7 @@ def in_autocommit(connection: t.Any) -> bool:
 
 def transaction_id(connection: t.Any) -> int:
     """A number that changes whenever psycopg2 ends a transaction (its count of them)."""
-    if _MARK_OFFSET is None:
-        return 0
-    return int(ctypes.c_long.from_address(id(connection) + _MARK_OFFSET).value)
+    return c.mark(connection)
 
 
 def server_in_transaction(connection: t.Any) -> bool:
@@ -302,7 +167,7 @@ def execute_first(
     sent = prefix.replace("%", "%%") if parameters is not None else prefix
     notices: list[str] = connection.notices
     notices_before = notices[:]
-    _set_status(connection, ext.STATUS_BEGIN)
+    c.set_status(connection, ext.STATUS_BEGIN)
     try:
         cursor.execute(sent + statement, parameters)
     except BaseException as exc:
@@ -317,15 +182,16 @@ def execute_first(
     # meets the same rejection after its BEGIN, and leaves the transaction as psycopg2 does.
     # Outside the except block, so that the exception psycopg2 raises is not chained.
     notices[:] = notices_before
-    begin_then(connection, setup)
+    begin_then(connection, setup, cursor, statement, parameters)
     cursor.execute(statement, parameters)
 
 
 def _replay_after(connection: t.Any, exc: BaseException) -> bool:
     """Put psycopg2's flag where its own ``BEGIN`` would have; True when to run it its way.
 
-    Only when the server ran nothing of the message (no transaction began: ``BEGIN`` is its
-    first statement) because it rejected its text: a syntax error, an encoding error. An error
+    Only when nothing of the message ran (no transaction began: ``BEGIN`` is its first
+    statement) because psycopg2 refused it before sending (its parameters), or the server
+    rejected its text: a syntax error, an encoding error. An error
     that arrived after the server began to run or to wait in the statement is never followed by
     a second execution; nor is one the server sent for another reason before anything ran (a
     cancel, a shutdown), which psycopg2's own ``BEGIN`` would have met.
@@ -337,11 +203,15 @@ def _replay_after(connection: t.Any, exc: BaseException) -> bool:
         return False
     status = connection.get_transaction_status()
     if status == ext.TRANSACTION_STATUS_IDLE:
-        _set_status(connection, ext.STATUS_READY)
+        c.set_status(connection, ext.STATUS_READY)
         code = exc.pgcode if isinstance(exc, psycopg2.Error) else None
-        return isinstance(code, str) and code[:2] in _REJECTED_TEXT
+        if code is None:
+            # Refused in the client (merging the parameters): nothing was sent. psycopg2 merges
+            # before its BEGIN, and its message counts from the statement's start.
+            return isinstance(exc, Exception)
+        return code[:2] in _REJECTED_TEXT
     if status not in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR):
-        _set_status(connection, ext.STATUS_READY)
+        c.set_status(connection, ext.STATUS_READY)
     return False
 
 
@@ -371,9 +241,9 @@ def _restore_positions(
     if start < 0:
         return
     renumbered = _renumber(pgerror, start + len(primary) + 1, sent)
-    if renumbered is pgerror or not _set_result_position(exc, int(position) - prefix_length):
+    if renumbered is pgerror or not c.set_result_position(exc, int(position) - prefix_length):
         return
-    _set_pgerror(exc, renumbered)
+    c.set_pgerror(exc, renumbered)
     if exc.args and isinstance(exc.args[0], str):
         text = exc.args[0]
         exc.args = (_renumber(text, text.find(primary) + len(primary) + 1, sent), *exc.args[1:])
@@ -413,35 +283,6 @@ def _renumber(message: str, at: int, sent: str) -> str:
     return message[: match.start()] + renumbered + message[match.end() :]
 
 
-def _set_pgerror(exc: t.Any, text: str) -> None:
-    # pickle's __setstate__ would also drop the error's cursor: the field itself is replaced.
-    assert _PGERROR_OFFSET is not None
-    address = id(exc) + _PGERROR_OFFSET
-    old = ctypes.c_void_p.from_address(address).value
-    if old != id(exc.pgerror):  # not the layout checked at import
-        return
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(text))
-    ctypes.c_void_p.from_address(address).value = id(text)
-    ctypes.pythonapi.Py_DecRef(ctypes.cast(old, ctypes.py_object))
-
-
-def _set_result_position(exc: t.Any, position: int) -> bool:
-    """Write ``position`` into the error's libpq result, where ``diag`` reads it."""
-    assert _RESULT_OFFSET is not None
-    result = ctypes.c_void_p.from_address(id(exc) + _RESULT_OFFSET).value
-    if not result:
-        return False
-    code = _LIB.PQresultErrorField(result, _PG_DIAG_SQLSTATE)
-    if not code or ctypes.string_at(code).decode() != exc.pgcode:
-        return False  # not the layout checked at import
-    field = _LIB.PQresultErrorField(result, _PG_DIAG_STATEMENT_POSITION)
-    digits = str(position).encode()
-    if not field or len(digits) > len(ctypes.string_at(field)):
-        return False
-    ctypes.memmove(field, digits + b"\0", len(digits) + 1)  # fewer or as many digits
-    return True
-
-
 # -- ending a transaction without waiting --------------------------------------------------------
 
 
@@ -456,12 +297,12 @@ def send_rollback(connection: t.Any) -> bool:
         or connection.status != ext.STATUS_BEGIN
     ):
         return False
-    pgconn = ctypes.c_void_p(connection.pgconn_ptr)
-    if _LIB.PQtransactionStatus(pgconn) not in (_PQTRANS_INTRANS, _PQTRANS_INERROR):
+    pgconn = c.pointer(connection.pgconn_ptr)
+    if c.LIB.PQtransactionStatus(pgconn) not in (_PQTRANS_INTRANS, _PQTRANS_INERROR):
         return False
-    if _LIB.PQsendQuery(pgconn, b"ROLLBACK") != 1:
+    if c.LIB.PQsendQuery(pgconn, b"ROLLBACK") != 1:
         return False  # psycopg2's rollback() meets the same broken connection and reports it
-    _end_transaction(connection)
+    c.end_transaction(connection)
     return True
 
 
@@ -470,26 +311,26 @@ def rollback_reply(connection: t.Any, wait: float) -> str | None:
 
     None: not there yet. "": the transaction has ended. Otherwise what went wrong.
     """
-    pgconn = ctypes.c_void_p(connection.pgconn_ptr)
+    pgconn = c.pointer(connection.pgconn_ptr)
     deadline = time.monotonic() + wait
     failure = ""
     while True:
         # Read from the socket only while libpq lacks a whole message (PQgetResult would
         # block): one receive for a reply that is there, a poll() first when waiting.
-        while _LIB.PQisBusy(pgconn):
+        while c.LIB.PQisBusy(pgconn):
             remaining = deadline - time.monotonic()
             if remaining > 0:  # returns at once when the reply is there
                 wait_readable(connection.fileno(), remaining)
-            if not _LIB.PQconsumeInput(pgconn):
-                return str(_LIB.PQerrorMessage(pgconn).decode(errors="replace")).strip()
-            if remaining <= 0 and _LIB.PQisBusy(pgconn):
+            if not c.LIB.PQconsumeInput(pgconn):
+                return str(c.LIB.PQerrorMessage(pgconn).decode(errors="replace")).strip()
+            if remaining <= 0 and c.LIB.PQisBusy(pgconn):
                 return None
-        result = _LIB.PQgetResult(pgconn)
+        result = c.LIB.PQgetResult(pgconn)
         if not result:
             break
-        if _LIB.PQresultStatus(result) != _PGRES_COMMAND_OK:
-            failure = _LIB.PQresultErrorMessage(result).decode(errors="replace").strip()
-        _LIB.PQclear(result)
-    if not failure and _LIB.PQtransactionStatus(pgconn) != _PQTRANS_IDLE:
+        if c.LIB.PQresultStatus(result) != _PGRES_COMMAND_OK:
+            failure = c.LIB.PQresultErrorMessage(result).decode(errors="replace").strip()
+        c.LIB.PQclear(result)
+    if not failure and c.LIB.PQtransactionStatus(pgconn) != _PQTRANS_IDLE:
         failure = "the transaction did not end"
     return failure
