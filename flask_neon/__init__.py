@@ -21,6 +21,7 @@ from ._errors import (
     NeonStateError,
 )
 from ._extension import NeonDB
+from ._nplusone import NPlusOneError
 from ._settings import NeonSettings
 
 __version__ = "0.1.0"
@@ -29,6 +30,7 @@ __all__ = [
     "DatabaseContext",
     "DatabaseUnavailableError",
     "ErrorCause",
+    "NPlusOneError",
     "NeonConfigError",
     "NeonDB",
     "NeonError",

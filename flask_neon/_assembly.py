@@ -15,14 +15,14 @@ import sqlalchemy as sa
 from pydantic import SecretStr
 from sqlalchemy import orm
 
-from . import _drivers, _timing
+from . import _drivers, _nplusone, _timing
 from ._engine import make_engine
 from ._errors import NeonConfigError
 from ._monitoring import PoolMonitor, install_slow_query_log
 from ._probe import HealthChecker
 from ._profiles import PoolConfig, pool_config, resolve_profile
 from ._session import RoutingSession
-from ._settings import key_for
+from ._settings import NeonSettings, key_for
 from ._settings_loader import load_settings
 from ._state import AppEngine, Bind, Extension, NeonState
 from ._url import DatabaseURL, apply_tls_policy, parse_url, resolve_urls
@@ -134,7 +134,7 @@ def build_state(
             "flask-neon: DB_POOLED is on but DB_DIRECT_URL is not set: migrations and "
             "flask db-check go through the pooler, where session state does not survive."
         )
-    return NeonState(
+    state = NeonState(
         db=db,
         loaded=loaded,
         pool=pool,
@@ -159,6 +159,33 @@ def build_state(
         ),
         require_tls=require_tls,
         app_name=app_name,
+    )
+    state.nplusone = _nplusone_detector(settings, app_name, development)
+    if state.nplusone is not None:
+        engines = [primary, admin, read]
+        engines += [e for bind in binds.values() for e in (bind.primary, bind.admin)]
+        _nplusone.install({e.engine for e in engines if e is not None}, state.nplusone)
+    return state
+
+
+def _nplusone_detector(
+    settings: NeonSettings, app_name: str, development: bool
+) -> _nplusone.Detector | None:
+    """N+1 detection as the settings ask (``DB_NPLUSONE``, ``DB_STATEMENT_BUDGET``)."""
+    mode = settings.nplusone
+    if mode == "auto":
+        mode = "warn" if development else "off"
+    if mode == "off":
+        if not settings.statement_budget:
+            return None
+        mode = "warn"
+    counter = None
+    if settings.metrics:
+        from ._metrics import nplusone_counter
+
+        counter = nplusone_counter()
+    return _nplusone.Detector(
+        app_name, mode, settings.nplusone_threshold, settings.statement_budget, counter
     )
 
 

@@ -14,6 +14,7 @@ Names follow Prometheus conventions (``_total`` for counters, base units in the 
     flask_neon_pool_checkout_timeouts_total{app}
     flask_neon_pool_invalidations_total{app}
     flask_neon_pool_checkout_wait_seconds{app}   (histogram)
+    flask_neon_nplusone_requests_total{app, endpoint, pattern}   (N+1 detection, _nplusone)
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ def _metric_families() -> dict[str, t.Any]:
                     "Connections discarded as broken (disconnects detected).",
                     ["app"],
                 ),
+                nplusone=prom.Counter(
+                    "flask_neon_nplusone_requests",
+                    "Requests in which an N+1 pattern (or the statement budget) was found.",
+                    ["app", "endpoint", "pattern"],
+                ),
                 wait=prom.Histogram(
                     "flask_neon_pool_checkout_wait_seconds",
                     "Time spent waiting for a pooled connection.",
@@ -78,6 +84,11 @@ def _metric_families() -> dict[str, t.Any]:
                 ),
             )
         return _families
+
+
+def nplusone_counter() -> t.Any:
+    """The counter of requests with an N+1 pattern, labelled (app, endpoint, pattern)."""
+    return _metric_families()["nplusone"]
 
 
 class PoolMetrics:

@@ -33,6 +33,7 @@ import sqlalchemy as sa
 from flask import Flask, Response, has_app_context, request
 from sqlalchemy import orm
 
+from . import _nplusone
 from ._context import app_context_values
 from ._errors import classify
 from ._settling import after_response
@@ -247,6 +248,8 @@ class RequestSessions:
         values = app_context_values()
         sessions: dict[Kind, orm.Session] = values.pop(_SESSIONS, None) or {}
         handoff: _Handoff | None = values.pop(_HANDOFF, None)
+        if _nplusone.KEY in values:
+            _nplusone.finish(values)
         now = list(sessions.values())
         if handoff is not None and not handoff.done:
             later = [session for session in now if _ends_unobserved(session)]

@@ -221,6 +221,26 @@ class NeonSettings(BaseSettings):
         "(psycopg2 waits for it separately): one round trip less per transaction; and send the "
         "ROLLBACK after a response without waiting for its reply.",
     )
+    nplusone: t.Literal["auto", "off", "count", "warn", "raise"] = Field(
+        default="auto",
+        description="N+1 detection: statements of one shape repeated DB_NPLUSONE_THRESHOLD times "
+        "in a request, lazy loads named with their fix. warn: log once per endpoint and "
+        "pattern; count: only the Prometheus counter (DB_METRICS); raise: fail the request "
+        "(tests); auto: warn in development, off otherwise.",
+    )
+    nplusone_threshold: int = Field(
+        default=3,
+        ge=2,
+        le=1000,
+        description="How many statements of one shape in one request make an N+1 candidate.",
+    )
+    statement_budget: int = Field(
+        default=0,
+        ge=0,
+        le=100000,
+        description="A request with more statements than this is reported like an N+1 (with "
+        "DB_NPLUSONE's mode; warn when that is off). 0: no budget.",
+    )
     server_timing: bool = Field(
         default=False,
         description="Add a Server-Timing header to each response that used the database: its "

@@ -79,6 +79,8 @@ class NeonState:
     #: Whether a request's reading sessions may end after its response (``_request``); off
     #: once a response was not closed.
     hand_over: bool = True
+    #: N+1 detection (``_nplusone``), None when off.
+    nplusone: t.Any = None
 
     @property
     def settings(self) -> NeonSettings:

@@ -19,6 +19,8 @@ from flask import Response, g, has_request_context
 from sqlalchemy import event
 
 _KEY = "_flask_neon_timing"
+#: ``g`` key of N+1 detection's recorder (``_nplusone.KEY``), read without importing it.
+NPLUSONE_KEY = "_flask_neon_nplusone"
 _STARTED = "flask_neon.timing_started"
 
 
@@ -69,7 +71,9 @@ def add_header(response: Response) -> Response:
     if timing is not None:
         statements = f"{timing.statements} statement{'s' * (timing.statements != 1)}"
         trips = f"{timing.round_trips} round trip{'s' * (timing.round_trips != 1)}"
-        response.headers.add(
-            "Server-Timing", f'db;dur={timing.seconds * 1000:.2f};desc="{statements}, {trips}"'
-        )
+        # N+1 detection's recorder (_nplusone), when on: its findings so far, by name.
+        found = g.get(NPLUSONE_KEY)
+        summary = found.summary() if found is not None else ""
+        words = ", ".join(filter(None, [statements, trips, summary]))
+        response.headers.add("Server-Timing", f'db;dur={timing.seconds * 1000:.2f};desc="{words}"')
     return response

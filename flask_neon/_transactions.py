@@ -78,6 +78,9 @@ class Transaction:
 
 
 _transactions: weakref.WeakKeyDictionary[t.Any, Transaction] = weakref.WeakKeyDictionary()
+#: Who counts the statements of every engine right now (``flask_neon.testing``'s round trips):
+#: each is called with a statement about to be sent, or None for a ``BEGIN`` sent on its own.
+counters: list[Callable[[str | None], None]] = []
 _switching: weakref.WeakSet[t.Any] = weakref.WeakSet()
 _openers: weakref.WeakKeyDictionary[sa.Dialect, TransactionOpener] = weakref.WeakKeyDictionary()
 
@@ -106,6 +109,9 @@ class TransactionOpener:
         self.limits = tuple(limits)
         self.context = context
         self.fast = fast and driver.FAST_BEGIN
+        #: Called with each statement before it is sent (N+1 detection, ``_nplusone``); it may
+        #: raise, and then nothing is sent.
+        self.observer: Callable[[str], None] | None = None
 
     def install(self, engine: sa.Engine | type[sa.Engine]) -> None:
         """Listen to ``engine``'s statements (``engine`` may be the ``Engine`` class: every
@@ -146,6 +152,8 @@ class TransactionOpener:
 
     def execute(self, cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any) -> bool:
         """``do_execute``: True when the statement was run here, with its ``BEGIN``."""
+        if self.observer is not None or counters:
+            self._observe(statement)
         connection = cursor.connection
         if not self.driver.owns(connection):
             return False
@@ -156,6 +164,8 @@ class TransactionOpener:
 
     def execute_no_params(self, cursor: t.Any, statement: t.Any, context: t.Any) -> bool:
         """``do_execute_no_params``: as :meth:`execute`."""
+        if self.observer is not None or counters:
+            self._observe(statement)
         connection = cursor.connection
         if not self.driver.owns(connection):
             return False
@@ -168,6 +178,8 @@ class TransactionOpener:
         self, cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any
     ) -> bool:
         """``do_executemany``: the driver's own ``BEGIN``, then the setup."""
+        if self.observer is not None or counters:
+            self._observe(statement)
         connection = cursor.connection
         if not self.driver.owns(connection):
             return False
@@ -176,6 +188,13 @@ class TransactionOpener:
         else:
             self._within(connection, statement, context)
         return False
+
+    def _observe(self, statement: t.Any) -> None:
+        if isinstance(statement, str):
+            if self.observer is not None:
+                self.observer(statement)
+            for count in counters:
+                count(statement)
 
     # -- opening and watching --------------------------------------------------------------
 
@@ -217,6 +236,8 @@ class TransactionOpener:
         ):
             self.driver.execute_first(cursor, statement, parameters, setup)
             return True
+        for count in counters:
+            count(None)  # the driver's own BEGIN, a round trip of its own
         # executemany: psycopg2 merges the first set of parameters before its BEGIN.
         first = parameters if event_name is not None or not parameters else parameters[0]
         self.driver.begin_then(connection, setup, cursor, statement, first)
@@ -266,6 +287,13 @@ class TransactionOpener:
         self.driver.begin_then(connection, undo + (wanted.statements if wanted else ()))
         record.context, record.stale = wanted, False
         record.applied_before, record.role_before = frozenset(names), role
+
+
+def observe(engine: sa.Engine, observer: Callable[[str], None] | None) -> None:
+    """Call ``observer`` with each statement of ``engine`` before it is sent (None: stop)."""
+    opener = _openers.get(engine.dialect)
+    if opener is not None:
+        opener.observer = observer
 
 
 def switch_contexts(dbapi_connection: t.Any, switching: bool = True) -> None:

@@ -30,6 +30,11 @@ Fixtures:
     ``neon_db_session`` (function): ``neon_transaction.session``, an ORM session on the
         test's connection, for arranging data and checking results.
     ``neon_client`` (function): ``neon_app.test_client()``, inside the test's transaction.
+    ``db_round_trips`` (function): :func:`round_trips`, which counts the round trips of a
+        block and fails it over a maximum: ``with db_round_trips(max=2): client.get("/")``.
+
+Marker ``@pytest.mark.no_nplusone``: an N+1 that flask-neon finds in ``neon_app`` during the
+test fails it (``NPlusOneError``), as ``DB_NPLUSONE=raise`` does for every test.
 
 Example ``conftest.py``::
 
@@ -93,6 +98,14 @@ from __future__ import annotations
 # must be names of this module, wherever they are defined.
 from .database import CONNECT_TIMEOUT as CONNECT_TIMEOUT
 from .database import TEST_DATABASE, TEST_URL_ENV, neon_database_url
+from .nplusone import (
+    RoundTrips,
+    db_round_trips,
+    neon_forbid_nplusone,
+    pytest_collection_modifyitems,
+    pytest_configure,
+    round_trips,
+)
 from .schema import DROP_LOCK_TIMEOUT as DROP_LOCK_TIMEOUT
 from .schema import neon_app, neon_migrations_dir, neon_schema
 from .transaction import NeonTransaction, neon_client, neon_db_session, neon_transaction
@@ -101,11 +114,17 @@ __all__ = [
     "TEST_DATABASE",
     "TEST_URL_ENV",
     "NeonTransaction",
+    "RoundTrips",
+    "db_round_trips",
     "neon_app",
     "neon_client",
     "neon_database_url",
     "neon_db_session",
+    "neon_forbid_nplusone",
     "neon_migrations_dir",
     "neon_schema",
     "neon_transaction",
+    "pytest_collection_modifyitems",
+    "pytest_configure",
+    "round_trips",
 ]
