@@ -175,18 +175,18 @@ def _nplusone_detector(
     mode = settings.nplusone
     if mode == "auto":
         mode = "warn" if development else "off"
-    if mode == "off":
+    patterns = mode != "off"
+    if not patterns:
         if not settings.statement_budget:
             return None
-        mode = "warn"
+        mode = "warn"  # the budget alone, reported as a warning
     counter = None
     if settings.metrics:
         from ._metrics import nplusone_counter
 
         counter = nplusone_counter()
-    return _nplusone.Detector(
-        app_name, mode, settings.nplusone_threshold, settings.statement_budget, counter
-    )
+    threshold, budget = settings.nplusone_threshold, settings.statement_budget
+    return _nplusone.Detector(app_name, mode, threshold, budget, counter, patterns=patterns)
 
 
 def _bind_url(

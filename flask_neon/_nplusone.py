@@ -137,12 +137,21 @@ class Detector:
     """One app's N+1 detection (see the module)."""
 
     def __init__(
-        self, app_name: str, mode: Mode, threshold: int, budget: int, counter: t.Any = None
+        self,
+        app_name: str,
+        mode: Mode,
+        threshold: int,
+        budget: int,
+        counter: t.Any = None,
+        *,
+        patterns: bool = True,
     ) -> None:
         self.app_name = app_name
         self.mode = mode
         self.threshold = threshold
         self.budget = budget
+        #: Whether repeated statements and lazy loads are looked for (not only the budget).
+        self.patterns = patterns
         #: A Prometheus counter with labels (app, endpoint, pattern), or None.
         self.counter = counter
         self._warned: set[tuple[str, str]] = set()
@@ -166,6 +175,14 @@ class Detector:
         if recorder is None:
             return
         recorder.statements += 1
+        if self.budget and recorder.statements == self.budget + 1:
+            fix = (
+                "fewer statements (eager loading, batching), or a higher DB_STATEMENT_BUDGET "
+                f"than {self.budget}"
+            )
+            self._found(recorder, "statement budget", "budget", "budget", recorder.statements, fix)
+        if not self.patterns:
+            return
         if recorder.pending is not None:
             # A lazy load's statement: counted as the lazy load, not as a repeat.
             recorder.pending = None
@@ -179,12 +196,6 @@ class Detector:
                 "once per row, or keep its result for the request"
             )
             self._found(recorder, "repeated statement", sql, shape, count, fix)
-        if self.budget and recorder.statements == self.budget + 1:
-            fix = (
-                "fewer statements (eager loading, batching), or a higher DB_STATEMENT_BUDGET "
-                f"than {self.budget}"
-            )
-            self._found(recorder, "statement budget", "budget", "budget", recorder.statements, fix)
 
     def lazy_load(self, state: orm.ORMExecuteState) -> None:
         """``do_orm_execute``: a relationship loaded lazily, for one parent object."""
@@ -289,7 +300,7 @@ def install(engines: t.Iterable[sa.Engine], detector: Detector) -> None:
 def _lazy_load(state: orm.ORMExecuteState) -> None:
     if state.is_relationship_load and state.lazy_loaded_from is not None and has_app_context():
         detector = Detector.recorder_app()
-        if detector is not None:
+        if detector is not None and detector.patterns:
             detector.lazy_load(state)
 
 
