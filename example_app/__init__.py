@@ -25,6 +25,7 @@ from .devdb import database_url_configured, use_local_database
 from .errors import register_error_handlers
 from .extensions import db, migrate
 from .private import bp as private_notes_blueprint
+from .tags import bp as tags_blueprint
 from .views import bp as notes_blueprint
 
 #: Absolute, so ``flask db ...`` finds the migrations whatever the working directory.
@@ -51,5 +52,6 @@ def create_app(config: Mapping[str, t.Any] | None = None) -> Flask:
     migrate.init_app(app, db, directory=str(MIGRATIONS_DIR))
     app.register_blueprint(notes_blueprint)
     app.register_blueprint(private_notes_blueprint)
+    app.register_blueprint(tags_blueprint)
     register_error_handlers(app)
     return app

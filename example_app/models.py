@@ -1,4 +1,5 @@
-"""The app's models: a note (title, body, done flag), and a private note only its owner sees."""
+"""The app's models: a note (title, body, done flag), tags on notes, and a private note only
+its owner sees."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import datetime as dt
 import typing as t
 
 import sqlalchemy as sa
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from .extensions import Model
 
@@ -53,6 +54,31 @@ class Note(Model):
 
     def __repr__(self) -> str:
         return f"<Note {self.id} {self.title!r}>"
+
+
+#: Which notes carry which tags (many-to-many).
+note_tags = sa.Table(
+    "note_tags",
+    Model.metadata,
+    sa.Column("note_id", sa.ForeignKey("notes.id", ondelete="CASCADE"), primary_key=True),
+    sa.Column("tag_id", sa.ForeignKey("tags.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class Tag(Model):
+    """A tag; each note may carry several (``POST /tags``, ``GET /tags``)."""
+
+    __tablename__ = "tags"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(sa.String(50), unique=True)
+    # Loaded lazily unless a query asks otherwise: GET /tags asks (selectinload), and
+    # GET /tags/naive shows what flask-neon reports when a listing does not.
+    notes: Mapped[list[Note]] = relationship(secondary=note_tags, order_by=Note.id)
+
+    def to_dict(self) -> dict[str, t.Any]:
+        """The tag with the titles of its notes."""
+        return {"id": self.id, "name": self.name, "notes": [note.title for note in self.notes]}
 
 
 class PrivateNote(Model):

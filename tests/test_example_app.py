@@ -25,6 +25,7 @@ from example_app.devdb import DATABASE, database_url_configured, running_port, u
 from example_app.extensions import db
 from example_app.models import Note
 from flask_neon._url import parse_url
+from flask_neon.testing import round_trips
 
 from .conftest import admin_execute
 
@@ -450,3 +451,49 @@ def test_local_database_is_started_once_then_reused(
     assert (data_dir / "PG_VERSION").exists()
     assert not (data_dir / "postmaster.pid").exists()
     assert os.listdir(reachable_dir / "instance")
+
+
+# -- tags: a listing done right, and the N+1 flask-neon reports --------------------------------
+
+
+def tag_notes(client: FlaskClient, tags: int = 4) -> None:
+    notes = [create(client, title=f"note {number}")["id"] for number in range(3)]
+    for number in range(tags):
+        reply = client.post(
+            "/tags", json={"name": f"tag {number}", "notes": notes[: number % 3 + 1]}
+        )
+        assert reply.status_code == 201, reply.json
+
+
+@pytest.fixture
+def development_app(fresh_database: str) -> Iterator[Flask]:
+    """The example app in the development profile (N+1 detection warns), migrated."""
+    app = create_app({"TESTING": True, "DB_URL": fresh_database, "DB_PROFILE": "development"})
+    with app.app_context():
+        flask_migrate.upgrade()
+    # Flask-Migrate's env.py (logging.config.fileConfig) disables the loggers it does not name,
+    # flask-neon's among them, in the process that ran the migration.
+    logging.getLogger("flask_neon").disabled = False
+    yield app
+    db.get_engine(app).dispose()
+
+
+def test_tags_list_their_notes_in_two_round_trips_and_the_naive_listing_is_reported(
+    development_app: Flask, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = development_app.test_client()
+    tag_notes(client)
+    caplog.clear()
+    caplog.set_level(logging.WARNING, logger="flask_neon")
+    with round_trips(max=2) as listing:
+        right = client.get("/tags").json
+    assert len(listing.statements) == 2  # the tags, then all their notes
+    assert [record.getMessage() for record in caplog.records] == []
+    with round_trips() as naive:
+        assert client.get("/tags/naive").json == right
+        client.get("/tags/naive")
+    assert len(naive.statements) == 2 * (1 + 4)  # the tags, then each tag's notes
+    (warning,) = [record.getMessage() for record in caplog.records]  # once per endpoint
+    assert "N+1 in GET tags.list_tags_naively: 4 lazy loads of Tag.notes" in warning
+    assert "example_app/models.py" in warning  # Tag.to_dict reads them
+    assert ".options(selectinload(Tag.notes))" in warning

@@ -6,6 +6,7 @@ freely and still start from an empty table."""
 from __future__ import annotations
 
 import pathlib
+import typing as t
 
 import pytest
 import sqlalchemy as sa
@@ -15,6 +16,7 @@ from sqlalchemy import orm
 
 from example_app import MIGRATIONS_DIR, create_app
 from example_app.models import Note
+from flask_neon import NPlusOneError
 
 
 @pytest.fixture(scope="session")
@@ -84,3 +86,34 @@ def test_each_request_runs_under_its_own_database_context(
         "",
     )
     assert bodies("bob") == ["b1"]  # and the next request is bob again
+
+
+def tag_notes(client: FlaskClient) -> None:
+    ids = [client.post("/notes", json={"title": f"n{i}"}).json["id"] for i in range(3)]  # type: ignore[index]
+    for number in range(4):
+        reply = client.post("/tags", json={"name": f"t{number}", "notes": ids[: number % 3 + 1]})
+        assert reply.status_code == 201
+
+
+@pytest.mark.no_nplusone
+def test_the_tag_listing_has_no_n_plus_one(neon_client: FlaskClient) -> None:
+    tag_notes(neon_client)
+    assert len(neon_client.get("/tags").json["tags"]) == 4  # type: ignore[index]
+
+
+@pytest.mark.no_nplusone
+def test_the_marker_fails_an_n_plus_one(neon_client: FlaskClient) -> None:
+    tag_notes(neon_client)
+    with pytest.raises(NPlusOneError, match=r"3 lazy loads of Tag\.notes"):
+        neon_client.get("/tags/naive")
+
+
+def test_the_tag_listing_costs_two_round_trips(
+    neon_client: FlaskClient, db_round_trips: t.Any
+) -> None:
+    tag_notes(neon_client)
+    with db_round_trips(max=2):
+        neon_client.get("/tags")
+    too_many = "5 round trips to the database, more than 2"
+    with pytest.raises(AssertionError, match=too_many), db_round_trips(max=2):
+        neon_client.get("/tags/naive")

@@ -164,7 +164,11 @@ def test_example_migrations_are_stock_flask_migrate_plus_their_revisions() -> No
     stock_env = pathlib.Path(flask_migrate.__file__).parent / "templates" / "flask" / "env.py"
     assert (MIGRATIONS_DIR / "env.py").read_text() == stock_env.read_text()
     scripts = sorted(path.name for path in (MIGRATIONS_DIR / "versions").glob("*.py"))
-    assert [name.split("_", 1)[1] for name in scripts] == ["create_notes.py", "private_notes.py"]
+    assert sorted(name.split("_", 1)[1] for name in scripts) == [
+        "create_notes.py",
+        "private_notes.py",
+        "tags.py",
+    ]
 
 
 def test_flask_db_upgrade_cli(fresh_database: str, tmp_path: pathlib.Path) -> None:
@@ -183,7 +187,7 @@ def test_flask_db_upgrade_cli(fresh_database: str, tmp_path: pathlib.Path) -> No
     assert result.returncode == 0, result.stderr
     assert "Running upgrade  -> " in result.stderr
     assert "notes" in tables(fresh_database)
-    [script] = (MIGRATIONS_DIR / "versions").glob("*_private_notes.py")  # the head
+    [script] = (MIGRATIONS_DIR / "versions").glob("*_tags.py")  # the head
     assert script.name.startswith(t.cast(str, current_revision(fresh_database)))
     # A DB_URL was given, so no local server was started.
     assert "local throwaway PostgreSQL" not in result.stderr

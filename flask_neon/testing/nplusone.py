@@ -14,6 +14,7 @@ from flask import Flask
 from sqlalchemy import event
 
 from .. import _nplusone, _transactions
+from .._statements import first_word
 from .schema import _neon_state
 
 __all__ = ["RoundTrips", "db_round_trips", "neon_forbid_nplusone", "round_trips"]
@@ -25,10 +26,13 @@ class RoundTrips:
     ``BEGIN`` sent on its own (where fast BEGIN steps aside or is off) and each ``COMMIT``.
 
     The ``ROLLBACK`` that ends a request is not counted: flask-neon sends a read's after the
-    response, without waiting, under a WSGI server (Flask's test client waits for it).
+    response, without waiting, under a WSGI server (Flask's test client waits for it). Nor are
+    savepoints (``SAVEPOINT``, ``RELEASE``, ``ROLLBACK TO``): under ``neon_transaction`` they
+    stand in for a request's ``BEGIN`` and ``ROLLBACK``; they are listed apart.
     """
 
     statements: list[str] = dataclasses.field(default_factory=list)
+    savepoints: list[str] = dataclasses.field(default_factory=list)
     begins: int = 0
     commits: int = 0
 
@@ -45,10 +49,20 @@ class RoundTrips:
         lines = [f"{n} x {shape}" for shape, n in sorted(shapes.items(), key=lambda i: -i[1])]
         lines += [f"{self.begins} x BEGIN (sent on its own)"] if self.begins else []
         lines += [f"{self.commits} x COMMIT"] if self.commits else []
+        if self.savepoints:
+            lines.append(f"(and {len(self.savepoints)} savepoint statements, not counted)")
         return "\n".join(lines)
 
 
 _lock = threading.Lock()
+
+
+def _savepoint(statement: str) -> bool:
+    """``SAVEPOINT``, ``RELEASE [SAVEPOINT]`` or ``ROLLBACK TO [SAVEPOINT]``."""
+    word = first_word(statement)
+    if word == "ROLLBACK":
+        return " TO " in f" {' '.join(statement.upper().split())} "
+    return word in ("SAVEPOINT", "RELEASE")
 
 
 @contextlib.contextmanager
@@ -67,6 +81,8 @@ def round_trips(max: int | None = None) -> Iterator[RoundTrips]:
         with _lock:
             if statement is None:
                 counted.begins += 1
+            elif _savepoint(statement):
+                counted.savepoints.append(statement)
             else:
                 counted.statements.append(statement)
 
