@@ -152,41 +152,35 @@ class TransactionOpener:
 
     def execute(self, cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any) -> bool:
         """``do_execute``: True when the statement was run here, with its ``BEGIN``."""
-        if self.observer is not None or counters:
-            self._observe(statement)
-        connection = cursor.connection
-        if not self.driver.owns(connection):
-            return False
-        if self.driver.opens_transaction(connection):
-            return self._open(cursor, statement, parameters, context, "do_execute")
-        self._within(connection, statement, context)
-        return False
+        return self._statement(cursor, statement, parameters, context, "do_execute")
 
     def execute_no_params(self, cursor: t.Any, statement: t.Any, context: t.Any) -> bool:
         """``do_execute_no_params``: as :meth:`execute`."""
-        if self.observer is not None or counters:
-            self._observe(statement)
-        connection = cursor.connection
-        if not self.driver.owns(connection):
-            return False
-        if self.driver.opens_transaction(connection):
-            return self._open(cursor, statement, None, context, "do_execute_no_params")
-        self._within(connection, statement, context)
-        return False
+        return self._statement(cursor, statement, None, context, "do_execute_no_params")
 
     def executemany(
         self, cursor: t.Any, statement: t.Any, parameters: t.Any, context: t.Any
     ) -> bool:
         """``do_executemany``: the driver's own ``BEGIN``, then the setup."""
+        return self._statement(cursor, statement, parameters, context, None)
+
+    def _statement(
+        self,
+        cursor: t.Any,
+        statement: t.Any,
+        parameters: t.Any,
+        context: t.Any,
+        event_name: str | None,
+    ) -> bool:
+        """Any statement (``event_name`` None: an ``executemany``); True when run here."""
         if self.observer is not None or counters:
             self._observe(statement)
         connection = cursor.connection
         if not self.driver.owns(connection):
             return False
         if self.driver.opens_transaction(connection):
-            self._open(cursor, statement, parameters, context, None)
-        else:
-            self._within(connection, statement, context)
+            return self._open(cursor, statement, parameters, context, event_name)
+        self._within(connection, statement, context)
         return False
 
     def _observe(self, statement: t.Any) -> None:
