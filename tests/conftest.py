@@ -2,11 +2,20 @@
 
 Set ``FLASK_NEON_TEST_URL`` to test against an existing server (its role must be allowed to
 create databases and terminate backends). Without it the suite starts its own throwaway cluster
-with :mod:`flask_neon.localdb`.
+with :mod:`flask_neon.local`.
+
+``FLASK_NEON_TEST_DRIVER`` (``psycopg2``, the default, or ``psycopg``) is the driver of the apps
+the tests build: ``database_url`` names it (``postgresql+<driver>://``), and ``DB_DRIVER`` is
+set to it in the environment, so that every ``postgresql://`` URL of a test, of the example
+app and of the processes the tests start (gunicorn, ``flask``, pytest) follows it too. Tests
+about psycopg2 itself are marked ``psycopg2_only`` (skipped on psycopg), their psycopg 3
+counterparts ``psycopg_only``. The test's own admin connection (:func:`admin_execute`) is
+psycopg2's.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -20,24 +29,53 @@ import pytest
 from flask import Flask
 
 from flask_neon import NeonDB
-from flask_neon._url import parse_url
+from flask_neon._url import DRIVERS, parse_url
 from flask_neon.local import LocalPostgres
 
 from .proxy import FaultProxy
 
 TEST_URL_ENV = "FLASK_NEON_TEST_URL"
+TEST_DRIVER_ENV = "FLASK_NEON_TEST_DRIVER"
+#: The driver of the apps under test (``FLASK_NEON_TEST_DRIVER``).
+DRIVER = os.environ.get(TEST_DRIVER_ENV, "").strip() or DRIVERS[0]
+#: The settings of the test's own environment, kept when the developer's shell is cleaned.
+KEPT_ENV = (TEST_URL_ENV, TEST_DRIVER_ENV)
 #: What the developer's shell may hold that flask-neon or Flask would read.
 FOREIGN_ENV_PREFIXES = ("DB_", "SQLALCHEMY_", "FLASK_")
 FOREIGN_ENV_NAMES = ("DATABASE_URL",)
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """The suite runs the same whatever the developer's shell holds: its settings go."""
+    """The suite runs the same whatever the developer's shell holds: its settings go, and
+    ``DB_DRIVER`` is the test driver's."""
+    if DRIVER not in DRIVERS:
+        raise pytest.UsageError(
+            f"{TEST_DRIVER_ENV} must be one of {', '.join(DRIVERS)}, got {DRIVER!r}."
+        )
     for key in list(os.environ):
-        if key != TEST_URL_ENV and (
+        if key not in KEPT_ENV and (
             key.startswith(FOREIGN_ENV_PREFIXES) or key in FOREIGN_ENV_NAMES
         ):
             del os.environ[key]
+    os.environ["DB_DRIVER"] = DRIVER
+
+
+_ONLY = {"psycopg2_only": "psycopg2", "psycopg_only": "psycopg"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests about another driver than ``FLASK_NEON_TEST_DRIVER``'s."""
+    for item in items:
+        for marker, driver in _ONLY.items():
+            if driver != DRIVER and item.get_closest_marker(marker) is not None:
+                reason = f"about {driver} ({TEST_DRIVER_ENV}={DRIVER})"
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def with_driver(url: str, driver: str | None = None) -> str:
+    """``url`` rendered as ``postgresql+<driver>://`` (default: the test driver)."""
+    parsed = dataclasses.replace(parse_url(url), driver=driver or DRIVER)
+    return parsed.to_sqlalchemy().render_as_string(hide_password=False)
 
 
 @pytest.fixture(autouse=True)
@@ -120,8 +158,8 @@ def database_url(local_pg: LocalPostgres | None) -> str:
     import os
 
     if local_pg is None:
-        return os.environ[TEST_URL_ENV]
-    return local_pg.url
+        return with_driver(os.environ[TEST_URL_ENV])
+    return with_driver(local_pg.url)
 
 
 @pytest.fixture
