@@ -31,6 +31,8 @@ def register_error_handlers(app: Flask) -> None:
     app.register_error_handler(sa_exc.OperationalError, _handle)
     app.register_error_handler(sa_exc.TimeoutError, _handle)
     app.register_error_handler(sa_exc.InterfaceError, _handle)
+    # psycopg 3 raises the server's idle-in-transaction timeout (25P03) as an InternalError.
+    app.register_error_handler(sa_exc.InternalError, _handle)
     app.register_error_handler(DatabaseUnavailableError, _handle)
 
 

@@ -14,9 +14,11 @@ from flask import Flask
 from sqlalchemy.events import ConnectionEvents
 
 from flask_neon import DatabaseUnavailableError, NeonDB
+from flask_neon._errors import classify
 from flask_neon.local import LocalPostgres
 
 from .conftest import (
+    DRIVER,
     AppFactory,
     admin_execute,
     backend_pids,
@@ -94,11 +96,53 @@ def test_idle_transaction_is_ended_by_the_server_and_the_next_request_is_fine(
     pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
     # The server ends the idle transaction and its backend on its own.
     wait_until(lambda: pid not in backend_pids(fresh_database))
-    with pytest.raises(sa_exc.OperationalError):
+    with pytest.raises(sa_exc.DBAPIError) as info:
         connection.exec_driver_sql("SELECT 1")
+    # psycopg2 finds the connection closed (OperationalError, no SQLSTATE); psycopg 3 reads the
+    # server's FATAL error (25P03, an InternalError). Both are a disconnect, and transient.
+    assert info.value.connection_invalidated
+    cause = classify(info.value)
+    assert cause.transient
+    assert cause.name == (
+        "idle_in_transaction_timeout" if DRIVER == "psycopg" else "connection_lost"
+    )
     connection.close()
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
     assert query(db, app, "SELECT 2") == 2
+
+
+@pytest.mark.parametrize(
+    "fast_begin",
+    [
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                DRIVER == "psycopg",
+                strict=True,
+                reason="psycopg's pipeline ends with Sync then Flush; the server turns the "
+                "idle-in-transaction timer off at the Flush and arms it only at its next "
+                "ReadyForQuery (_drivers/psycopg.py, execute_first)",
+            ),
+        ),
+        False,
+    ],
+    ids=["fast-begin", "driver-begin"],
+)
+def test_a_transaction_left_idle_after_its_first_statement_is_ended(
+    make_app: AppFactory, fresh_database: str, fast_begin: bool
+) -> None:
+    """DB_IDLE_IN_TRANSACTION_TIMEOUT ends a transaction whose only statement was its first."""
+    app, db = make_app(
+        fresh_database, DB_IDLE_IN_TRANSACTION_TIMEOUT=0.2, DB_FAST_BEGIN=fast_begin
+    )
+    connection = db.get_engine(app).connect()
+    try:
+        pid = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar()
+        wait_until(lambda: pid not in backend_pids(fresh_database), timeout=5)
+        with pytest.raises(sa_exc.DBAPIError):
+            connection.exec_driver_sql("SELECT 1")
+    finally:
+        connection.invalidate()
 
 
 # -- liveness check -----------------------------------------------------------------------------
@@ -362,7 +406,5 @@ def test_too_many_connections_is_classified() -> None:
         for connection in held:
             connection.close()
         engine.dispose()
-    from flask_neon._errors import classify
-
     assert held  # at least one slot was free before the limit
     assert classify(info.value).name == "too_many_connections"

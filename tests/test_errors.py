@@ -3,12 +3,17 @@ here the messages the machine cannot produce (Neon's own) are checked against th
 
 from __future__ import annotations
 
+import importlib
 import pathlib
 import re
+import typing as t
 
 import pytest
 
 from flask_neon._errors import _RULES, classify, mask_secrets
+from flask_neon._url import parse_url
+
+from .conftest import admin_execute, closed_port
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -109,3 +114,93 @@ def test_detail_is_masked() -> None:
 
 def test_mask_secrets_ignores_empty_secrets() -> None:
     assert mask_secrets("abc", ["", "b"]) == "a***c"
+
+
+# -- real errors of both drivers ------------------------------------------------------------------
+
+
+def _dbapi(driver: str) -> t.Any:
+    return importlib.import_module(driver)
+
+
+def _connect(driver: str, url: str, **libpq: str) -> t.Any:
+    """A raw DBAPI connection of ``driver`` to ``url``'s server, with more libpq keywords."""
+    parsed = parse_url(url)
+    keywords = {"connect_timeout": "5", **libpq}
+    return _dbapi(driver).connect(
+        host=parsed.host,
+        port=parsed.port,
+        user=parsed.username,
+        dbname=parsed.database,
+        **keywords,
+    )
+
+
+def _error_of(call: t.Callable[[], object]) -> BaseException:
+    try:
+        call()
+    except Exception as error:  # the driver's own exception, unwrapped
+        return error
+    raise AssertionError("no error")
+
+
+def _execute(connection: t.Any, sql: str) -> None:
+    try:
+        connection.cursor().execute(sql)
+    finally:
+        connection.close()
+
+
+def _terminated(driver: str, url: str) -> None:
+    connection = _connect(driver, url)
+    connection.autocommit = True
+    cursor = connection.cursor()
+    cursor.execute("SELECT pg_backend_pid()")
+    (pid,) = cursor.fetchone()
+    admin_execute(url, "SELECT pg_terminate_backend(%s, 5000)", (pid,))
+    _execute(connection, "SELECT 1")
+
+
+@pytest.mark.parametrize("driver", ["psycopg2", "psycopg"])
+@pytest.mark.parametrize(
+    ("case", "cause"),
+    [
+        ("refused", "connection_refused"),
+        ("unknown_database", "database_missing"),
+        ("unknown_role", "role_missing"),
+        ("unknown_host", "unknown_host"),
+        ("terminated", "connection_lost"),
+        ("statement_timeout", "statement_timeout"),
+        ("read_only", "read_only"),
+    ],
+)
+def test_real_driver_errors_are_classified(
+    driver: str, case: str, cause: str, database_url: str
+) -> None:
+    """What each driver raises, from a real server (or a port nobody listens on): psycopg 3's
+    connect errors carry no SQLSTATE either, its words differ ("connection failed: ...",
+    "failed to resolve host ..."), and it reads a terminated backend's FATAL error (57P01)
+    where psycopg2 finds the connection closed."""
+    url = parse_url(database_url)
+    cases: dict[str, t.Callable[[], object]] = {
+        "refused": lambda: _connect(driver, f"postgresql://u@127.0.0.1:{closed_port()}/db"),
+        "unknown_database": lambda: _connect(
+            driver, url.to_sqlalchemy().set(database="no_such_db").render_as_string(False)
+        ),
+        "unknown_role": lambda: _connect(
+            driver, url.to_sqlalchemy().set(username="no_such_role").render_as_string(False)
+        ),
+        "unknown_host": lambda: _connect(driver, "postgresql://u@no-such-host.invalid/db"),
+        "terminated": lambda: _terminated(driver, database_url),
+        "statement_timeout": lambda: _execute(
+            _connect(driver, database_url, options="-c statement_timeout=50"),
+            "SELECT pg_sleep(5)",
+        ),
+        "read_only": lambda: _execute(
+            _connect(driver, database_url, options="-c default_transaction_read_only=on"),
+            "CREATE TABLE never_made (id int)",
+        ),
+    }
+    error = _error_of(cases[case])
+    assert type(error).__module__.split(".")[0] == driver
+    assert classify(error).name == cause

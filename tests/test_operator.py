@@ -14,7 +14,7 @@ from flask import Flask
 from flask_neon import NeonDB
 from flask_neon._url import parse_url
 
-from .conftest import AppFactory, backend_pids, closed_port, terminate_backends, wait_until
+from .conftest import DRIVER, AppFactory, backend_pids, closed_port, terminate_backends, wait_until
 from .proxy import FaultProxy
 
 SECRET = "Hx7-unique-Secret"
@@ -272,6 +272,32 @@ def test_view_on_a_down_database_gets_503(make_app: AppFactory) -> None:
     assert response.status_code == 503
     assert SECRET not in response.get_data(as_text=True)
     assert response.json["cause"] == "connection_refused"  # type: ignore[index]
+
+
+def test_a_transaction_ended_by_idle_in_transaction_timeout_gets_503(
+    make_app: AppFactory, fresh_database: str
+) -> None:
+    """The server ends a transaction left idle, and its backend. psycopg2 then reads a closed
+    connection (an OperationalError); psycopg 3 reads the server's FATAL error, SQLSTATE 25P03,
+    which it raises as an InternalError: both are answered 503, not 500."""
+    app, db = make_app(fresh_database, DB_IDLE_IN_TRANSACTION_TIMEOUT=0.2)
+    app.config["PROPAGATE_EXCEPTIONS"] = False
+
+    @app.get("/stall")
+    def stall() -> str:
+        db.session.execute(sa.text("SELECT 1"))
+        # A second statement: under fast BEGIN on psycopg 3 the first one leaves the server's
+        # idle-in-transaction timer off (test_engine.py, the first statement left idle).
+        pid = db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar()
+        wait_until(lambda: pid not in backend_pids(fresh_database))
+        db.session.execute(sa.text("SELECT 1"))
+        return "never"
+
+    response = app.test_client().get("/stall")
+    assert response.status_code == 503
+    expected = "idle_in_transaction_timeout" if DRIVER == "psycopg" else "connection_lost"
+    assert response.json["cause"] == expected  # type: ignore[index]
+    assert db.pool_stats(app)["checked_out"] == 0
 
 
 def test_statement_timeout_is_not_an_outage(make_app: AppFactory) -> None:
