@@ -43,7 +43,8 @@ def database_url_configured(
 def use_local_database(app: Flask) -> LocalPostgres | None:
     """Point ``app`` at the local server in ``<instance path>/pgdata``, starting it if needed.
 
-    Sets ``app.config["DB_URL"]`` to the URL of its :data:`DATABASE` database.
+    Sets ``app.config["DB_URL"]`` to the URL of its :data:`DATABASE` database, a
+    ``postgresql://`` URL: the app's ``DB_DRIVER`` picks the driver.
 
     Returns:
         The server if this call started it (it is stopped at interpreter exit, or by calling
@@ -84,7 +85,7 @@ def use_local_database(app: Flask) -> LocalPostgres | None:
     except LocalPostgresError as exc:
         # `flask run` prints a NoAppException as one line; anything else as a traceback.
         raise LocalDatabaseError(str(exc)) from None
-    app.config["DB_URL"] = cluster.url
+    app.config["DB_URL"] = cluster.url_for(DATABASE, driver=None)
     app.logger.warning(
         "DB_URL is not set: started a local PostgreSQL %s (%s) on port %d, data in %s "
         "(kept for the next start; remove it with: rm -rf %s). Set DB_URL to use your own "
@@ -132,6 +133,6 @@ def running_port(data_dir: pathlib.Path) -> int | None:
 
 def _url(port: int) -> str:
     url = sa.URL.create(
-        "postgresql+psycopg2", username=USER, host="127.0.0.1", port=port, database=DATABASE
+        "postgresql", username=USER, host="127.0.0.1", port=port, database=DATABASE
     )
     return url.render_as_string(hide_password=False)

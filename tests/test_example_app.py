@@ -428,7 +428,9 @@ def test_local_database_is_started_once_then_reused(
     try:
         data_dir = reachable_dir / "instance" / "pgdata"
         assert cluster.data_dir == data_dir
-        assert first.config["DB_URL"] == cluster.url_for(DATABASE)
+        # No driver in the URL: the app's DB_DRIVER picks it.
+        assert first.config["DB_URL"] == cluster.url_for(DATABASE, driver=None)
+        assert first.config["DB_URL"].startswith("postgresql://")
         assert "started a local PostgreSQL" in caplog.text
         assert "rm -rf" in caplog.text  # how to remove the kept data
         assert str(data_dir) in caplog.text

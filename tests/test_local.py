@@ -73,6 +73,9 @@ def test_url(pg: LocalPostgres) -> None:
     assert pg.host == "127.0.0.1"
     assert pg.url == f"postgresql+psycopg2://postgres@127.0.0.1:{pg.port}/postgres"
     assert pg.url_for("a b") == f"postgresql+psycopg2://postgres@127.0.0.1:{pg.port}/a%20b"
+    assert pg.url_for("d", "psycopg") == f"postgresql+psycopg://postgres@127.0.0.1:{pg.port}/d"
+    # No driver: the app's DB_DRIVER picks it.
+    assert pg.url_for("d", None) == f"postgresql://postgres@127.0.0.1:{pg.port}/d"
 
 
 def test_socket_in_short_dir_next_to_data(pg: LocalPostgres) -> None:
@@ -156,7 +159,7 @@ def test_stop_is_idempotent_and_removes_temp_dir(monkeypatch: pytest.MonkeyPatch
     monkeypatch.delenv("FLASK_NEON_UNSET_URL", raising=False)
     url, cluster = ensure_database_url("FLASK_NEON_UNSET_URL")
     assert cluster is not None
-    assert url == cluster.url
+    assert url == cluster.url_for(cluster.database, driver=None)  # DB_DRIVER picks the driver
     assert cluster.execute("SELECT 1") == [(1,)]
     root = cluster.data_dir.parent
     assert root.is_dir()

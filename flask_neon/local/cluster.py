@@ -147,18 +147,21 @@ class LocalPostgres(ServerControl):
         """
         return self.url_for(self.database)
 
-    def url_for(self, database: str) -> str:
+    def url_for(self, database: str, driver: str | None = "psycopg2") -> str:
         """Return the SQLAlchemy URL of ``database`` on this server.
 
         Args:
             database: Database name (need not exist yet).
+            driver: The DBAPI the URL names, ``psycopg2`` or ``psycopg``; None for a
+                ``postgresql://`` URL that names none (an app's ``DB_DRIVER`` then decides).
 
         Returns:
             A ``postgresql+psycopg2://`` URL without a password (authentication is trust).
         """
         user = urllib.parse.quote(self.user, safe="")
         name = urllib.parse.quote(database, safe="")
-        return f"postgresql+psycopg2://{user}@{self.host}:{self.port}/{name}"
+        scheme = f"postgresql+{driver}" if driver else "postgresql"
+        return f"{scheme}://{user}@{self.host}:{self.port}/{name}"
 
     # -- lifecycle -------------------------------------------------------------------------
 

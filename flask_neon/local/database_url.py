@@ -17,7 +17,8 @@ def ensure_database_url(env_var: str = "DB_URL") -> tuple[str, LocalPostgres | N
 
     Returns:
         ``(url, None)`` when the variable is set and non-empty, otherwise ``(url, cluster)``
-        for a freshly started :class:`LocalPostgres`, which the caller must :meth:`stop
+        for a freshly started :class:`LocalPostgres` (a ``postgresql://`` URL, which names no
+        driver: ``DB_DRIVER`` picks it), which the caller must :meth:`stop
         <LocalPostgres.stop>` (it is also stopped at interpreter exit).
 
     Raises:
@@ -32,4 +33,5 @@ def ensure_database_url(env_var: str = "DB_URL") -> tuple[str, LocalPostgres | N
     except BaseException:
         cluster.stop()
         raise
-    return cluster.url, cluster
+    # No driver named: the app's DB_DRIVER decides, as for any postgresql:// URL.
+    return cluster.url_for(cluster.database, driver=None), cluster

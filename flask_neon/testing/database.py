@@ -88,7 +88,9 @@ def neon_database_url() -> Iterator[str]:
     problem = None
     try:
         cluster.start()
-        url = cluster.create_database(TEST_DATABASE)
+        cluster.create_database(TEST_DATABASE)
+        # No driver named: the app's DB_DRIVER decides, as it does for its own DB_URL.
+        url = cluster.url_for(TEST_DATABASE, driver=None)
     except LocalPostgresError as error:
         with contextlib.suppress(LocalPostgresError, OSError):
             cluster.stop()
