@@ -1,6 +1,7 @@
 """The peers of ``bench_latency.py`` that are not an app of their own: bare Flask and a Flask
-app on a raw psycopg2 pool, both serving the notes routes the other peers serve
-(``GET /notes/<id>``, ``POST /notes``). Served by gunicorn from the repository root::
+app on a raw psycopg2 pool or a raw psycopg 3 connection queue, all serving the notes routes
+the other peers serve (``GET /notes/<id>``, ``POST /notes``). Served by gunicorn from the
+repository root::
 
     DB_URL=postgresql://... gunicorn 'benchmarks.latency_apps:raw()'
 """
@@ -8,7 +9,10 @@ app on a raw psycopg2 pool, both serving the notes routes the other peers serve
 from __future__ import annotations
 
 import os
+import queue
+import re
 
+import psycopg
 import psycopg2.pool  # type: ignore[import-untyped]
 from flask import Flask, abort, request
 from flask.typing import ResponseReturnValue
@@ -35,7 +39,7 @@ def raw() -> Flask:
     """psycopg2's own pool, used as its documentation shows: BEGIN, the query, then ROLLBACK
     (or COMMIT) before the connection goes back."""
     app = Flask(__name__)
-    dsn = os.environ["DB_URL"].replace("postgresql+psycopg2://", "postgresql://")
+    dsn = re.sub(r"^postgresql\+psycopg2?://", "postgresql://", os.environ["DB_URL"])
     pool = psycopg2.pool.ThreadedConnectionPool(1, 5, dsn)
 
     @app.get("/notes/<int:note_id>")
@@ -67,6 +71,49 @@ def raw() -> Flask:
         finally:
             pool.putconn(connection)
         return {"id": note_id, **fields}, 201
+
+    return app
+
+
+def raw_psycopg() -> Flask:
+    """psycopg 3 as its documentation shows, on a plain queue of connections (psycopg_pool
+    is not a dependency): psycopg sends ``BEGIN`` before the query and waits for it, then
+    ``rollback()`` (or ``commit()``) before the connection goes back. Its defaults are kept:
+    the sixth run of a query prepares it (one round trip more, once per connection)."""
+    app = Flask(__name__)
+    dsn = re.sub(r"^postgresql\+psycopg2?://", "postgresql://", os.environ["DB_URL"])
+    pool: queue.SimpleQueue[psycopg.Connection[tuple[object, ...]]] = queue.SimpleQueue()
+    for _ in range(5):
+        pool.put(psycopg.connect(dsn))
+
+    @app.get("/notes/<int:note_id>")
+    def get_note(note_id: int) -> ResponseReturnValue:
+        connection = pool.get()
+        try:
+            row = connection.execute(
+                "SELECT id, title, body FROM notes WHERE id = %s", [note_id]
+            ).fetchone()
+            connection.rollback()
+        finally:
+            pool.put(connection)
+        if row is None:
+            abort(404)
+        return {"id": row[0], "title": row[1], "body": row[2]}
+
+    @app.post("/notes")
+    def create_note() -> ResponseReturnValue:
+        fields = request.get_json() or {}
+        connection = pool.get()
+        try:
+            row = connection.execute(
+                "INSERT INTO notes (title, body) VALUES (%s, %s) RETURNING id",
+                [fields.get("title", ""), fields.get("body", "")],
+            ).fetchone()
+            connection.commit()
+        finally:
+            pool.put(connection)
+        assert row is not None
+        return {"id": row[0], **fields}, 201
 
     return app
 

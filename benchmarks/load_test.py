@@ -569,10 +569,12 @@ def split_cores(pin: bool) -> tuple[list[int] | None, list[int] | None]:
 
 @contextlib.contextmanager
 def database() -> Iterator[tuple[str, bool]]:
-    """Yields (URL, whether it is a throwaway cluster started here)."""
+    """Yields (URL, whether it is a throwaway cluster started here). The URL names no driver
+    (``postgresql://``): each variant picks its own (flask-neon's ``DB_DRIVER``, psycopg2
+    for the others); a driver named in ``BENCH_DB_URL`` is dropped."""
     url = os.environ.get("BENCH_DB_URL")
     if url:
-        yield url, False
+        yield re.sub(r"^postgres(ql)?(\+\w+)?://", "postgresql://", url.strip()), False
         return
     from flask_neon.local import LocalPostgres, LocalPostgresError
 
@@ -586,7 +588,7 @@ def database() -> Iterator[tuple[str, bool]]:
             f"server binaries so a throwaway cluster can start ({exc})."
         )
     try:
-        yield cluster.url, True
+        yield cluster.url_for(cluster.database, driver=None), True
     finally:
         cluster.stop()
 
