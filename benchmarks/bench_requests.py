@@ -1,5 +1,11 @@
 """Per-request overhead: flask-neon against bare Flask, raw psycopg2, Flask-SQLAlchemy(-Lite).
 
+Both drivers: flask-neon, Flask-SQLAlchemy with ``pool_pre_ping`` and a raw pool also run on
+psycopg 3 (``postgresql+psycopg://``); flask-neon on psycopg 3 both with its default
+idle-in-transaction timeout (psycopg 3 then opens its transactions with a ``BEGIN`` of its own,
+see benchmarks/README.md) and with ``DB_IDLE_IN_TRANSACTION_TIMEOUT=0``. The ratios psycopg 3 /
+psycopg2 are printed after the table.
+
 Every variant serves the same three endpoints from one process, against the same PostgreSQL:
 
 * ``/select1``: one ``SELECT 1`` through the session (or cursor);
@@ -34,6 +40,7 @@ import typing as t
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import psycopg
 import psycopg2.pool
 import sqlalchemy as sa
 from flask import Flask
@@ -109,6 +116,46 @@ def raw_psycopg2(url: str) -> Flask:
     return app
 
 
+def raw_psycopg(url: str) -> Flask:
+    """psycopg 3 on a plain queue of connections (psycopg_pool is not a dependency)."""
+    import queue
+
+    app = Flask("raw_psycopg")
+    pool: queue.SimpleQueue[psycopg.Connection[tuple[t.Any, ...]]] = queue.SimpleQueue()
+    for _ in range(5):
+        pool.put(psycopg.connect(_psycopg2_dsn(url)))
+
+    @app.get("/select1")
+    def select1() -> str:
+        connection = pool.get()
+        try:
+            row = connection.execute("SELECT 1").fetchone()
+            connection.rollback()
+        finally:
+            pool.put(connection)
+        assert row is not None
+        return str(row[0])
+
+    @app.get("/get")
+    def get() -> str:
+        connection = pool.get()
+        try:
+            row = connection.execute(
+                "SELECT id, title FROM bench_notes WHERE id = %s", (1,)
+            ).fetchone()
+            connection.rollback()
+        finally:
+            pool.put(connection)
+        assert row is not None
+        return str(row[1])
+
+    @app.get("/nodb")
+    def nodb() -> str:
+        return "ok"
+
+    return app
+
+
 def _session_views(app: Flask, session: Callable[[], orm.Session]) -> Flask:
     select_one = sa.text("SELECT 1")
 
@@ -129,11 +176,11 @@ def _session_views(app: Flask, session: Callable[[], orm.Session]) -> Flask:
     return app
 
 
-def flask_sqlalchemy(url: str, pre_ping: bool) -> Flask:
+def flask_sqlalchemy(url: str, pre_ping: bool, driver: str = "psycopg2") -> Flask:
     from flask_sqlalchemy import SQLAlchemy
 
-    app = Flask(f"fsa_{pre_ping}")
-    app.config["SQLALCHEMY_DATABASE_URI"] = _sa_url(url)
+    app = Flask(f"fsa_{pre_ping}_{driver}")
+    app.config["SQLALCHEMY_DATABASE_URI"] = _sa_url(url, driver)
     app.config["SQLALCHEMY_ENGINE_OPTIONS"] = {"pool_pre_ping": pre_ping}
     db = SQLAlchemy(app, model_class=Base)
     return _session_views(app, lambda: db.session)
@@ -148,19 +195,21 @@ def flask_sqlalchemy_lite(url: str) -> Flask:
     return _session_views(app, lambda: db.session)
 
 
-def flask_neon(url: str, **config: t.Any) -> Flask:
+def flask_neon(url: str, driver: str = "psycopg2", **config: t.Any) -> Flask:
     from flask_neon import NeonDB
 
-    app = Flask("neon_" + "_".join(f"{k}_{v}" for k, v in config.items()))
-    app.config.update(DB_URL=url, DB_HEALTH_ENABLED=False, **config)
+    app = Flask(f"neon_{driver}_" + "_".join(f"{k}_{v}" for k, v in config.items()))
+    app.config.update(DB_URL=_sa_url(url, driver), DB_HEALTH_ENABLED=False, **config)
     db = NeonDB(app, metadata=Base.metadata, env_file=None)
     return _session_views(app, lambda: db.session)
 
 
-def _sa_url(url: str) -> str:
+def _sa_url(url: str, driver: str = "psycopg2") -> str:
+    """``url`` naming ``driver`` (``psycopg2`` or ``psycopg``)."""
     from flask_neon._url import parse_url
 
-    return parse_url(url).to_sqlalchemy().render_as_string(hide_password=False)
+    sa_url = parse_url(url).to_sqlalchemy().set(drivername=f"postgresql+{driver}")
+    return sa_url.render_as_string(hide_password=False)
 
 
 def variants(url: str) -> dict[str, Flask]:
@@ -175,6 +224,12 @@ def variants(url: str) -> dict[str, Flask]:
         "flask-neon serverless": flask_neon(url, DB_PROFILE="serverless"),
         "flask-neon SET LOCAL limits": flask_neon(
             url, DB_PROFILE="production", DB_SESSION_LIMITS="transaction"
+        ),
+        "raw psycopg 3": raw_psycopg(url),
+        "flask-sqlalchemy pre_ping, psycopg 3": flask_sqlalchemy(url, True, "psycopg"),
+        "flask-neon production, psycopg 3": flask_neon(url, "psycopg", DB_PROFILE="production"),
+        "flask-neon production, psycopg 3, no idle timeout": flask_neon(
+            url, "psycopg", DB_PROFILE="production", DB_IDLE_IN_TRANSACTION_TIMEOUT=0
         ),
     }
 
@@ -278,14 +333,30 @@ TARGETS = [
 ]
 
 
+#: (psycopg 3 variant, its psycopg2 counterpart): printed as ratios, no target.
+DRIVER_PAIRS = [
+    ("raw psycopg 3", "raw psycopg2 pool"),
+    ("flask-sqlalchemy pre_ping, psycopg 3", "flask-sqlalchemy pre_ping"),
+    ("flask-neon production, psycopg 3", "flask-neon production"),
+    ("flask-neon production, psycopg 3, no idle timeout", "flask-neon production"),
+]
+
+
 def report(results: dict[str, dict[str, float]]) -> list[str]:
     names = list(results)
-    print(f"{'variant':32} " + " ".join(f"{p:>10}" for p in ENDPOINTS) + "   (us/request)")
+    print(f"{'variant':50} " + " ".join(f"{p:>10}" for p in ENDPOINTS) + "   (us/request)")
     for name in names:
         row = " ".join(
             f"{results[name][p]:10.1f}" if p in results[name] else f"{'-':>10}" for p in ENDPOINTS
         )
-        print(f"{name:32} {row}")
+        print(f"{name:50} {row}")
+    print()
+    for variant, baseline in DRIVER_PAIRS:
+        ratios = ", ".join(
+            f"{path} {results[variant][path] / results[baseline][path]:.3f}"
+            for path in ("/select1", "/get")
+        )
+        print(f"psycopg 3 / psycopg2: {variant} / {baseline}: {ratios}")
     print()
     missed = []
     for variant, baseline, path, limit in TARGETS:
