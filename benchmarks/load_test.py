@@ -8,6 +8,10 @@ gunicorn, all on the same PostgreSQL and the same ``notes`` table (100 seeded no
   a liveness round trip only for a connection idle more than 60 s);
 * ``flask-sqlalchemy pre_ping``: ``benchmarks/fsqla_app.py``, the same app on Flask-SQLAlchemy
   3.1 with ``pool_pre_ping=True`` (a ``SELECT 1`` on every checkout), same pool sizes;
+* ``flask-neon psycopg 3`` and ``flask-neon psycopg 3, no idle timeout``: ``flask-neon`` on
+  psycopg 3 (``DB_DRIVER=psycopg``), with its default idle-in-transaction timeout (psycopg 3
+  then sends a ``BEGIN`` of its own) and with ``DB_IDLE_IN_TRANSACTION_TIMEOUT=0``; compared
+  with ``flask-neon`` on psycopg2 round by round, as the pair above (``--no-psycopg``: left out);
 * ``flask-neon pool 2, 32 clients``: a pool smaller than the concurrency (DB_POOL_SIZE=2,
   DB_MAX_OVERFLOW=0, DB_POOL_TIMEOUT=2) under 32 connections on ``GET /notes?limit=100``, the
   heaviest read. Requests must wait for a connection and succeed, or get a fast 503, never
@@ -18,8 +22,9 @@ gunicorn, all on the same PostgreSQL and the same ``notes`` table (100 seeded no
   connections block, the ones waiting for a connection must get a 503 after DB_POOL_TIMEOUT.
   Same checks.
 
-The first two get ``wrk -c32`` on ``GET /notes/<id>`` (ids drawn at random from 1..100) and are
-compared by the median of each round's ratio (the two run back to back, in alternating order):
+The main variants get ``wrk -c32`` on ``GET /notes/<id>`` (ids drawn at random from 1..100) and are
+compared by the median of each round's ratio (they run back to back, in an order rotated each
+round):
 the target is 1.15x Flask-SQLAlchemy's requests/s (``TARGET_RATIO``), with no error and memory
 flat: the workers' resident memory at the end of the last round at most 5 % above the one at
 the end of the first (``MEMORY_GROWTH_LIMIT``).
@@ -130,7 +135,25 @@ class Variant:
 
 
 NEON = Variant(
-    "flask-neon", "example_app:create_app()", "/notes/{id}", 32, {"DB_PROFILE": "production"}
+    "flask-neon",
+    "example_app:create_app()",
+    "/notes/{id}",
+    32,
+    {"DB_PROFILE": "production", "DB_DRIVER": "psycopg2"},
+)
+NEON_PSYCOPG = Variant(
+    "flask-neon psycopg 3",
+    "example_app:create_app()",
+    "/notes/{id}",
+    32,
+    {"DB_PROFILE": "production", "DB_DRIVER": "psycopg"},
+)
+NEON_PSYCOPG_NO_IDLE = Variant(
+    "flask-neon psycopg 3, no idle timeout",
+    "example_app:create_app()",
+    "/notes/{id}",
+    32,
+    {"DB_PROFILE": "production", "DB_DRIVER": "psycopg", "DB_IDLE_IN_TRANSACTION_TIMEOUT": "0"},
 )
 FSQLA = Variant(
     "flask-sqlalchemy pre_ping",
@@ -146,6 +169,7 @@ SMALL_POOL = Variant(
     32,
     {
         "DB_PROFILE": "production",
+        "DB_DRIVER": "psycopg2",
         "DB_POOL_SIZE": "2",
         "DB_MAX_OVERFLOW": "0",
         "DB_POOL_TIMEOUT": "2",
@@ -155,6 +179,8 @@ SMALL_POOL = Variant(
 )
 STALL = dataclasses.replace(SMALL_POOL, name="flask-neon pool 2, 2.5 s stall", stall_s=2.5)
 VARIANTS = (NEON, FSQLA, SMALL_POOL, STALL)
+#: psycopg 3 against psycopg2 (``--no-psycopg``: left out).
+PSYCOPG_VARIANTS = (NEON_PSYCOPG, NEON_PSYCOPG_NO_IDLE)
 
 
 class UnbalancedRunError(Exception):
@@ -666,10 +692,13 @@ def summarize(runs: list[WrkResult]) -> dict[str, t.Any]:
     }
 
 
-def round_ratios(runs: dict[str, list[WrkResult]]) -> list[float]:
-    """flask-neon's requests/s over Flask-SQLAlchemy's, per round (run back to back)."""
-    pairs = zip(runs[NEON.name], runs[FSQLA.name], strict=True)
-    return [neon.requests_per_s / fsqla.requests_per_s for neon, fsqla in pairs]
+def round_ratios(
+    runs: dict[str, list[WrkResult]], variant: Variant = NEON, baseline: Variant = FSQLA
+) -> list[float]:
+    """``variant``'s requests/s over ``baseline``'s (by default flask-neon's over
+    Flask-SQLAlchemy's), per round (run back to back)."""
+    pairs = zip(runs[variant.name], runs[baseline.name], strict=True)
+    return [ours.requests_per_s / theirs.requests_per_s for ours, theirs in pairs]
 
 
 def cpu_ratios(runs: dict[str, list[WrkResult]]) -> list[float]:
@@ -680,10 +709,12 @@ def cpu_ratios(runs: dict[str, list[WrkResult]]) -> list[float]:
     return [fsqla.cpu_us_per_request / neon.cpu_us_per_request for neon, fsqla in pairs]
 
 
-def check(summary: dict[str, dict[str, t.Any]], ratio: float) -> tuple[list[str], list[str]]:
+def check(
+    summary: dict[str, dict[str, t.Any]], ratio: float, variants: t.Sequence[Variant] = VARIANTS
+) -> tuple[list[str], list[str]]:
     """(failures, missed targets) for the runs and the median round ratio."""
     failures = []
-    for variant in VARIANTS:
+    for variant in variants:
         result = summary[variant.name]
         if variant.main and result["errors"]:
             failures.append(
@@ -715,11 +746,15 @@ def check(summary: dict[str, dict[str, t.Any]], ratio: float) -> tuple[list[str]
 
 
 def report(
-    summary: dict[str, dict[str, t.Any]], rounds: int, ratios: list[float], cpu: list[float]
+    summary: dict[str, dict[str, t.Any]],
+    rounds: int,
+    ratios: list[float],
+    cpu: list[float],
+    driver_ratios: dict[str, list[float]] | None = None,
 ) -> None:
     spread = rounds > 1
     print(
-        f"\n{'variant':32} {'req/s':>9}{'  (min-max)' if spread else ''} {'p50 ms':>8} "
+        f"\n{'variant':40} {'req/s':>9}{'  (min-max)' if spread else ''} {'p50 ms':>8} "
         f"{'p99 ms':>8} {'max ms':>8} {'errors':>7} {'503':>6} {'CPU us/req':>10} "
         f"{'RSS MiB':>15}"
     )
@@ -730,7 +765,7 @@ def report(
             else ""
         )
         print(
-            f"{name:32} {result['requests_per_s']:9.1f}{rate_range} {result['p50_ms']:8.2f} "
+            f"{name:40} {result['requests_per_s']:9.1f}{rate_range} {result['p50_ms']:8.2f} "
             f"{result['p99_ms']:8.2f} {result['max_ms']:8.1f} {result['errors']:7d} "
             f"{result['statuses'].get('503', 0):6d} {result['cpu_us_per_request']:10.0f} "
             f"{result['rss_mib_first']:7.1f}->{result['rss_mib_last']:5.1f}"
@@ -744,6 +779,11 @@ def report(
         f"server CPU per request, Flask-SQLAlchemy pre_ping / flask-neon, median of the rounds: "
         f"{statistics.median(cpu):.3f} (rounds: {', '.join(f'{r:.2f}' for r in cpu)})"
     )
+    for label, values in (driver_ratios or {}).items():
+        print(
+            f"throughput {label}, median of the rounds: {statistics.median(values):.3f} "
+            f"(rounds: {', '.join(f'{r:.2f}' for r in values)})"
+        )
     for variant in (SMALL_POOL, STALL):
         result = summary[variant.name]
         assert variant.pool_timeout is not None
@@ -780,9 +820,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--threads", type=int, default=THREADS, help="threads a worker (issue 15's set-up: 4)"
     )
+    parser.add_argument(
+        "--psycopg",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run flask-neon on psycopg 3, with and without an idle-in-transaction timeout",
+    )
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--no-targets", action="store_true", help="report only")
     args = parser.parse_args(argv)
+    mains = [NEON, FSQLA, *(PSYCOPG_VARIANTS if args.psycopg else ())]
+    variants = (*mains, SMALL_POOL, STALL)
     if args.duration < 5:
         parser.error("--duration must be at least 5 s (the stall variant locks for 2.5 s)")
 
@@ -797,7 +845,7 @@ def main(argv: list[str] | None = None) -> int:
         # Inherited by everything started from here on but gunicorn: wrk and PostgreSQL.
         os.sched_setaffinity(0, load_cores)
 
-    runs: dict[str, list[WrkResult]] = {variant.name: [] for variant in VARIANTS}
+    runs: dict[str, list[WrkResult]] = {variant.name: [] for variant in variants}
     with database() as (url, local), tempfile.TemporaryDirectory(prefix="load-test-") as tmp:
         workdir = pathlib.Path(tmp)
         server_version = prepare(url)
@@ -813,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.delay_ms:
                 url = delayed(url, args.delay_ms, stack)
             servers: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[str, int]] = {}
-            for variant in VARIANTS:
+            for variant in variants:
                 if variant.server_key not in servers:
                     servers[variant.server_key] = stack.enter_context(
                         gunicorn(variant, url, workdir, server_cores, args.workers, args.threads)
@@ -822,9 +870,9 @@ def main(argv: list[str] | None = None) -> int:
                     if args.warmup:
                         run_wrk(base_url, variant, args.warmup, workdir)
             for index in range(args.rounds):
-                # Alternate the main pair's order, so neither always runs second.
-                pair = [NEON, FSQLA] if index % 2 == 0 else [FSQLA, NEON]
-                for variant in [*pair, SMALL_POOL, STALL]:
+                # Rotate the main variants' order, so none always runs after the same one.
+                shift = index % len(mains)
+                for variant in [*mains[shift:], *mains[:shift], SMALL_POOL, STALL]:
                     during = None
                     if variant.stall_s is not None:
                         during = functools.partial(stall, url, args.duration / 3, variant.stall_s)
@@ -850,8 +898,17 @@ def main(argv: list[str] | None = None) -> int:
     ratios = round_ratios(runs)
     ratio = statistics.median(ratios)
     cpu = cpu_ratios(runs)
-    failures, missed = check(summary, ratio)
-    report(summary, args.rounds, ratios, cpu)
+    driver_ratios = {}
+    if args.psycopg:
+        for variant in PSYCOPG_VARIANTS:
+            driver_ratios[f"{variant.name} / flask-neon (psycopg2)"] = round_ratios(
+                runs, variant, NEON
+            )
+            driver_ratios[f"{variant.name} / Flask-SQLAlchemy pre_ping"] = round_ratios(
+                runs, variant, FSQLA
+            )
+    failures, missed = check(summary, ratio, variants)
+    report(summary, args.rounds, ratios, cpu, driver_ratios)
     if args.json:
         machine = {
             "nproc": os.cpu_count(),
@@ -869,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
             "workers": args.workers,
             "threads": args.threads,
             "wrk_threads": WRK_THREADS,
-            "variants": [dataclasses.asdict(variant) for variant in VARIANTS],
+            "variants": [dataclasses.asdict(variant) for variant in variants],
         }
         with open(args.json, "w", encoding="utf-8") as out:
             json.dump(
@@ -882,6 +939,7 @@ def main(argv: list[str] | None = None) -> int:
                     "round_ratios": ratios,
                     "cpu_ratio": statistics.median(cpu),
                     "round_cpu_ratios": cpu,
+                    "driver_ratios": driver_ratios,
                     "failures": failures,
                     "missed": missed,
                 },
