@@ -85,8 +85,7 @@ class _Rule:
 # Order matters: the first rule that matches wins, so specific messages come before broad ones
 # (a TLS failure also mentions the server closing the connection, for example). Patterns are
 # matched against the lowered message; the server's messages are assumed untranslated
-# (lc_messages C), and neither psycopg2 nor psycopg 3 gives a SQLSTATE for a failed connect,
-# only the text.
+# (lc_messages C); neither driver gives a SQLSTATE for a failed connect, only the text.
 _RULES: tuple[_Rule, ...] = (
     _Rule(
         "pool_exhausted",
@@ -225,11 +224,7 @@ _RULES: tuple[_Rule, ...] = (
         # A resolver hiccup, or a service that is not up yet (compose, CI): worth a retry.
         transient=True,
         # libpq's words, then psycopg 3's (it resolves the name itself, in Python).
-        patterns=(
-            r"could not translate host name",
-            r"failed to resolve host",
-            r"name or service not known",
-        ),
+        patterns=(r"could not translate host name", r"failed to resolve", r"service not known"),
     ),
     _Rule(
         "connection_refused",

@@ -57,6 +57,7 @@ _TOKEN = re.compile(
     | (?P<comment>--[^\n]*|/\*)
     | (?P<string>[eE]'(?:[^'\\]|\\.|'')*'|[uUbBxXnN]?&?'(?:[^']|'')*')
     | (?P<dollar>\$(?:[A-Za-z_][A-Za-z0-9_]*)?\$)
+    | (?P<parameter>\$[0-9]+)
     | (?P<quoted>(?:[uU]&)?"(?:[^"]|"")*")
     | (?P<word>[A-Za-z_\x80-\U0010ffff][A-Za-z0-9_$\x80-\U0010ffff]*)
     | (?P<cast>::)
@@ -122,12 +123,16 @@ def first_word(sql: str) -> str | None:
 def opens_plainly(sql: str) -> bool:
     """True when the statement may carry its transaction's ``BEGIN`` in its message: one
     statement (no ``;``), no NUL or backslash (psycopg2 refuses a NUL; a backslash may draw a
-    warning that quotes the text), starting with one of :data:`OPENING_WORDS`."""
+    warning that quotes the text), no ``$1``-style parameter outside literals and comments
+    (psycopg 3 sends a statement without parameters in the simple protocol, where the server
+    answers "there is no parameter $1", but in a pipeline in the extended one, where it answers
+    otherwise), starting with one of :data:`OPENING_WORDS`."""
     return (
         ";" not in sql
         and "\x00" not in sql
         and "\\" not in sql
         and first_word(sql) in OPENING_WORDS
+        and not any(kind == "parameter" for kind, _ in _tokens_cached(sql) or ())
     )
 
 

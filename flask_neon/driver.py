@@ -1,10 +1,11 @@
-"""Fast BEGIN for any SQLAlchemy engine on psycopg2: a transaction's ``BEGIN`` travels with its
-first statement, nothing else an application can observe changes.
+"""Fast BEGIN for any SQLAlchemy engine on psycopg2 or psycopg 3: a transaction's ``BEGIN``
+travels with its first statement, nothing else an application can observe changes (psycopg 3:
+docs/fast-begin.md says what remains different).
 
 flask-neon installs it on its own engines (``DB_FAST_BEGIN``, on by default); :func:`install`
 puts it on another engine, or on every engine (the ``Engine`` class). The mechanism and its
 proof: docs/fast-begin.md; the code: ``flask_neon._transactions`` and
-``flask_neon._drivers.psycopg2``.
+``flask_neon._drivers``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import typing as t
 
 import sqlalchemy as sa
 
+from . import _drivers
 from ._drivers import psycopg2 as _psycopg2
 from ._transactions import TransactionOpener
 
@@ -26,11 +28,15 @@ def install(
 ) -> TransactionOpener:
     """Open ``engine``'s transactions with their first statement; return the events' owner.
 
-    ``engine`` may be the :class:`~sqlalchemy.engine.Engine` class itself: every engine then.
+    ``engine`` may be the :class:`~sqlalchemy.engine.Engine` class itself: every psycopg2
+    engine then. An engine on psycopg 3 (``postgresql+psycopg://``) gets psycopg 3's way.
     ``begin_statements``: statements run at the start of every transaction (e.g. ``SET LOCAL``
-    limits). Steps aside (psycopg2 sends its own ``BEGIN``) where
-    the result would differ, and everywhere when :data:`AVAILABLE` is false.
+    limits). Steps aside (the driver sends its own ``BEGIN``) where the result would differ,
+    and, on psycopg2, everywhere when :data:`AVAILABLE` is false.
     """
-    opener = TransactionOpener(_psycopg2, begin_statements, fast=True)
+    module: _drivers.Driver = _psycopg2
+    if isinstance(engine, sa.Engine):
+        module = _drivers.for_dialect(engine.dialect) or module
+    opener = TransactionOpener(module, begin_statements, fast=True)
     opener.install(engine)
     return opener

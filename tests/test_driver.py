@@ -1,13 +1,17 @@
 """Fast BEGIN: fewer round trips, the same transaction semantics (the full comparison with
-psycopg2's own handling is in test_driver_parity.py).
+each driver's own handling is in test_driver_parity.py).
 
-Round trips are counted on the wire by the proxy, which records every Query message."""
+Round trips are counted on the wire by the proxy: psycopg2 sends one Query message per round
+trip; psycopg 3 sends Parse/Bind/Execute messages up to a Sync, which the proxy groups into
+exchanges (``FaultProxy.exchanges``): each is a point where the client may wait for the server.
+"""
 
 from __future__ import annotations
 
 import io
 import typing as t
 
+import psycopg
 import psycopg2.extensions as ext
 import pytest
 import sqlalchemy as sa
@@ -16,7 +20,8 @@ from flask import Flask
 
 from flask_neon import NeonDB, driver
 
-from .conftest import AppFactory, admin_execute
+from .conftest import DRIVER, AppFactory, admin_execute, wait_until, with_driver
+from .http_server import LiveServer
 from .proxy import FaultProxy
 
 
@@ -35,6 +40,20 @@ def queries_of_one_request(
     return list(proxy.queries)
 
 
+SHOW_IDLE = "SHOW idle_in_transaction_session_timeout"
+
+
+def exchanges_of_one_request(
+    make_app: AppFactory, proxy: FaultProxy, database_url: str, **config: t.Any
+) -> list[list[str]]:
+    app, db = make_app(proxy.url(database_url), **config)
+    one_request(db, app)
+    proxy.exchanges.clear()
+    one_request(db, app)
+    return [list(exchange) for exchange in proxy.exchanges]
+
+
+@pytest.mark.psycopg2_only
 def test_a_transaction_costs_two_round_trips_not_three(
     make_app: AppFactory, proxy: FaultProxy, database_url: str
 ) -> None:
@@ -44,6 +63,25 @@ def test_a_transaction_costs_two_round_trips_not_three(
     assert slow == ["BEGIN", "SELECT 41 + 1", "ROLLBACK"]
 
 
+@pytest.mark.psycopg_only
+def test_psycopg_sends_begin_and_the_statement_in_one_exchange(
+    make_app: AppFactory, proxy: FaultProxy, database_url: str
+) -> None:
+    """psycopg 3: one pipeline, each statement its own Parse/Bind/Execute, one Sync; psycopg's
+    own way waits for its BEGIN. (The ROLLBACK is SQLAlchemy's here, outside a request.)"""
+    fast = exchanges_of_one_request(
+        make_app, proxy, database_url, DB_IDLE_IN_TRANSACTION_TIMEOUT=0
+    )
+    assert fast == [["BEGIN", "SELECT 41 + 1", SHOW_IDLE], ["ROLLBACK"]]
+    slow = exchanges_of_one_request(make_app, proxy, database_url, DB_FAST_BEGIN=False)
+    assert slow == [["BEGIN"], ["SELECT 41 + 1"], ["ROLLBACK"]]
+    # With an idle-in-transaction timeout (the default, 60 s), psycopg's own way: the pipeline
+    # would turn the server's timer off (docs/drivers.md).
+    timed = exchanges_of_one_request(make_app, proxy, database_url)
+    assert timed == slow
+
+
+@pytest.mark.psycopg2_only
 def test_per_transaction_limits_ride_along(
     make_app: AppFactory, proxy: FaultProxy, database_url: str
 ) -> None:
@@ -55,20 +93,71 @@ def test_per_transaction_limits_ride_along(
     assert sent[0].endswith(";\nSELECT 41 + 1")
 
 
+@pytest.mark.psycopg_only
+def test_psycopg_per_transaction_limits_ride_along(
+    make_app: AppFactory, proxy: FaultProxy, database_url: str
+) -> None:
+    sent = exchanges_of_one_request(
+        make_app,
+        proxy,
+        database_url,
+        DB_SESSION_LIMITS="transaction",
+        DB_STATEMENT_TIMEOUT=7,
+        DB_IDLE_IN_TRANSACTION_TIMEOUT=0,
+    )
+    limits = "SET LOCAL statement_timeout = 7000"
+    assert sent == [["BEGIN", limits, "SELECT 41 + 1", SHOW_IDLE], ["ROLLBACK"]]
+
+
+def test_a_read_request_waits_for_one_round_trip(
+    make_app: AppFactory, proxy: FaultProxy, database_url: str
+) -> None:
+    """BEGIN and the read in one exchange; the ROLLBACK goes after the response and is not
+    waited for: the proxy holds it back, and the client has its answer meanwhile. (psycopg 3:
+    without an idle-in-transaction timeout, docs/drivers.md.)"""
+    app, db = make_app(
+        proxy.url(database_url), DB_SESSION_LIMITS="off", DB_IDLE_IN_TRANSACTION_TIMEOUT=0
+    )
+
+    @app.get("/read")
+    def read() -> dict[str, t.Any]:
+        return {"v": db.session.execute(sa.text("SELECT 41 + 1")).scalar()}
+
+    with LiveServer(app) as server:
+        assert server.get("/read").json() == {"v": 42}  # connects (the dialect's first queries)
+        wait_until(lambda: db.pool_stats(app)["checked_out"] == 0, message="connection back")
+        proxy.exchanges.clear()
+        proxy.hold = "ROLLBACK"
+        try:
+            assert server.get("/read").json() == {"v": 42}
+            wait_until(proxy.held.is_set, message="the ROLLBACK held by the proxy")
+            sent = [list(exchange) for exchange in proxy.exchanges]
+        finally:
+            proxy.release.set()
+        wait_until(lambda: db.pool_stats(app)["checked_out"] == 0, message="connection back")
+    begin_and_read = (
+        ["BEGIN;\nSELECT 41 + 1"]
+        if DRIVER == "psycopg2"
+        else ["BEGIN", "SELECT 41 + 1", SHOW_IDLE]
+    )
+    assert sent == [begin_and_read, ["ROLLBACK"]]
+
+
 def test_a_transaction_without_statements_costs_nothing(
     make_app: AppFactory, proxy: FaultProxy, database_url: str
 ) -> None:
     app, db = make_app(proxy.url(database_url))
     one_request(db, app)
-    proxy.queries.clear()
+    proxy.statements.clear()
     with db.get_engine(app).connect() as connection:
         connection.commit()
-    assert proxy.queries == []
+    assert proxy.statements == []
 
 
 @pytest.fixture
 def engine(make_app: AppFactory, fresh_database: str) -> sa.Engine:
-    app, db = make_app(fresh_database)
+    # No idle-in-transaction timeout: with one, psycopg 3 opens transactions its own way.
+    app, db = make_app(fresh_database, DB_IDLE_IN_TRANSACTION_TIMEOUT=0)
     engine = db.get_engine(app)
     admin_execute(fresh_database, "CREATE TABLE t (id int PRIMARY KEY, v text)")
     return engine
@@ -79,6 +168,14 @@ def count(engine: sa.Engine) -> int:
         return int(connection.exec_driver_sql("SELECT count(*) FROM t").scalar_one())
 
 
+def transaction_open(raw: t.Any) -> bool:
+    """What the server last said: a transaction is open on ``raw`` (either driver)."""
+    if isinstance(raw, psycopg.Connection):
+        return raw.info.transaction_status == psycopg.pq.TransactionStatus.INTRANS
+    return bool(raw.get_transaction_status() == ext.TRANSACTION_STATUS_INTRANS)
+
+
+@pytest.mark.psycopg2_only
 def test_connections_stay_psycopg2s_own(engine: sa.Engine) -> None:
     assert driver.AVAILABLE
     with engine.connect() as connection:
@@ -90,6 +187,24 @@ def test_connections_stay_psycopg2s_own(engine: sa.Engine) -> None:
         assert result.cursor.query == b"BEGIN;\nSELECT 1"
         assert raw.status == ext.STATUS_BEGIN
         assert raw.get_transaction_status() == ext.TRANSACTION_STATUS_INTRANS
+
+
+@pytest.mark.psycopg_only
+def test_connections_stay_psycopgs_own(engine: sa.Engine) -> None:
+    """psycopg 3: its own Connection class; while a transaction that fast BEGIN opened runs,
+    psycopg's autocommit reads True (it sent no BEGIN of its own), and it is False again once
+    SQLAlchemy has ended the transaction (docs/fast-begin.md)."""
+    with engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        assert type(raw) is psycopg.Connection
+        assert raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert not raw.autocommit
+        assert connection.exec_driver_sql("SELECT 1").scalar() == 1
+        assert transaction_open(raw)
+        assert raw.autocommit
+        connection.rollback()
+        assert raw.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert not raw.autocommit
 
 
 def test_commit_and_rollback(engine: sa.Engine) -> None:
@@ -150,7 +265,7 @@ def test_executemany_and_server_side_cursors(engine: sa.Engine) -> None:
         connection.commit()
         raw = connection.connection.dbapi_connection
         assert raw is not None
-        assert raw.status == ext.STATUS_READY
+        assert not transaction_open(raw)
     assert count(engine) == 100
     with engine.connect() as connection:
         first = connection.execution_options(stream_results=True).execute(
@@ -160,6 +275,7 @@ def test_executemany_and_server_side_cursors(engine: sa.Engine) -> None:
         connection.rollback()
 
 
+@pytest.mark.psycopg2_only
 def test_copy_runs_inside_the_transaction(engine: sa.Engine) -> None:
     with engine.connect() as connection:
         raw = connection.connection.dbapi_connection
@@ -168,3 +284,45 @@ def test_copy_runs_inside_the_transaction(engine: sa.Engine) -> None:
             cursor.copy_expert("COPY t (id, v) FROM STDIN", io.StringIO("7\tseven\n8\teight\n"))
         connection.rollback()
     assert count(engine) == 0
+
+
+@pytest.mark.psycopg_only
+def test_psycopg_copy_runs_inside_the_transaction(engine: sa.Engine) -> None:
+    with engine.connect() as connection:
+        raw = connection.connection.dbapi_connection
+        assert raw is not None
+        with raw.cursor() as cursor, cursor.copy("COPY t (id, v) FROM STDIN") as copy:
+            copy.write_row((7, "seven"))
+            copy.write_row((8, "eight"))
+        assert transaction_open(raw)
+        connection.rollback()
+    assert count(engine) == 0
+
+
+@pytest.mark.parametrize("name", ["psycopg2", "psycopg"])
+def test_install_on_a_plain_engine_of_either_driver(
+    name: str, proxy: FaultProxy, database_url: str
+) -> None:
+    """``flask_neon.driver.install`` on an engine flask-neon did not make: its driver's way."""
+    engine = sa.create_engine(with_driver(proxy.url(database_url), name))
+    try:
+        driver.install(engine, ["SET LOCAL statement_timeout = 5000"])
+        with engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1")  # the dialect's first queries
+            connection.rollback()
+            proxy.exchanges.clear()
+            assert connection.exec_driver_sql("SHOW statement_timeout").scalar() == "5s"
+            connection.rollback()
+        sent = [list(exchange) for exchange in proxy.exchanges]
+    finally:
+        engine.dispose()
+    if name == "psycopg2":
+        assert sent == [
+            ["BEGIN; SET LOCAL statement_timeout = 5000;\nSHOW statement_timeout"],
+            ["ROLLBACK"],
+        ]
+    else:
+        assert sent == [
+            ["BEGIN", "SET LOCAL statement_timeout = 5000", "SHOW statement_timeout", SHOW_IDLE],
+            ["ROLLBACK"],
+        ]

@@ -41,7 +41,7 @@ from flask_neon._probe import run_probe
 from flask_neon._url import parse_url
 from flask_neon.local import LocalPostgres
 
-from .conftest import AppFactory, admin_execute
+from .conftest import AppFactory, admin_execute, with_driver
 from .servers import (  # noqa: F401 - the *_fixture functions are fixtures, used by name
     PgBouncer,
     Replica,
@@ -226,6 +226,46 @@ def test_startup_limits_are_rejected_by_the_pooler(
     cause = info.value.cause
     assert cause.name == "pooler_rejected_parameter"
     assert "unsupported startup parameter: options" in cause.detail
+
+
+def read_twice_across_server_connections(engine: sa.Engine, bouncer: PgBouncer) -> list[int]:
+    """The same parameterized read in two transactions of one client, the pooler's server
+    connections replaced in between (PgBouncer's RECONNECT): as when it lends another one."""
+    seen = []
+    with engine.connect() as connection:
+        for n in range(2):
+            seen.append(connection.execute(sa.text("SELECT :n + 1"), {"n": n}).scalar_one())
+            connection.commit()
+            bouncer.admin(f"RECONNECT {database_name(str(engine.url))}")
+    return seen
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prepare_threshold", ["default", 0])
+def test_psycopg_prepares_nothing_by_default_through_the_pooler(
+    apps: AppFactory, pgbouncer: PgBouncer, fresh_database: str, prepare_threshold: str | int
+) -> None:
+    """psycopg 3's prepared-statement policy (docs/drivers.md): no server-side prepared
+    statements unless DB_ENGINE_OPTIONS' connect_args ask for them. Through a transaction-mode
+    PgBouncer older than 1.22 a statement prepared in one transaction is gone in the next, on
+    another server connection."""
+    options = (
+        {}
+        if prepare_threshold == "default"
+        else {"DB_ENGINE_OPTIONS": {"connect_args": {"prepare_threshold": prepare_threshold}}}
+    )
+    pooler_url = pgbouncer.url_for(database_name(fresh_database))
+    direct = with_driver(fresh_database, "psycopg")
+    app, db = apps(
+        with_driver(pooler_url, "psycopg"), DB_POOLED=True, DB_DIRECT_URL=direct, **options
+    )
+    engine = db.state(app).primary.engine  # through the pooler (get_engine(): the direct host)
+    if prepare_threshold == "default":
+        assert read_twice_across_server_connections(engine, pgbouncer) == [1, 2]
+    else:
+        with pytest.raises(sa_exc.DBAPIError, match=r"prepared statement .* does not exist"):
+            read_twice_across_server_connections(engine, pgbouncer)
+    dispose(app, db)
 
 
 MIGRATION = '''\

@@ -11,20 +11,32 @@ its own (the extended protocol: the statement's text is its own, so its errors, 
 notices are exactly psycopg's). An error leaves the transaction aborted, as psycopg's own path
 does: nothing to replay. psycopg gets its autocommit back once the transaction has ended: at
 SQLAlchemy's commit or rollback, at the next statement, or after the ROLLBACK sent without
-waiting. Until then, code on the raw DBAPI connection reads ``autocommit`` as True
-(docs/fast-begin.md).
+waiting. Until then, code on the raw DBAPI connection reads ``autocommit`` as True, and a
+transaction that code ends on the raw connection itself leaves psycopg in autocommit until
+flask-neon sees the connection again (docs/fast-begin.md: psycopg has no public hook there).
+
+A statement sent without parameters goes in the extended protocol here (a pipeline has no
+other), where psycopg's own path uses the simple one: the only text they read differently,
+``$1``-style parameters, does not open plainly (``_statements``). A session the server ends
+while the pipeline runs: psycopg reads past the server's error to the closed connection (on a
+direct connection it then raises the loss, documented), or stops before it and cannot leave
+pipeline mode (through PgBouncer): there the server's error is raised and the connection read
+until closed, as psycopg's own path leaves it.
 """
 
 from __future__ import annotations
 
+import re
 import time
 import typing as t
 import weakref
 
 import psycopg
 from psycopg import pq
+from psycopg.rows import tuple_row
 
 from .._liveness import wait_readable, wait_writable
+from . import _psycopg_wire as _wire
 
 name = "psycopg"
 
@@ -140,21 +152,80 @@ def execute_first(
 
     The caller checked that the statement is one that may (``_statements.opens_plainly``) on a
     :func:`plain_cursor`, with psycopg about to send ``BEGIN``. Raises what psycopg raises.
+
+    psycopg ends a pipeline with Sync then Flush, and the server arms
+    ``idle_in_transaction_session_timeout`` only when it answers a Sync, and disarms it at
+    the Flush: the transaction left idle after the pipeline would never time out. So the
+    pipeline ends with ``SHOW idle_in_transaction_session_timeout``; where a timeout is in
+    force the server is sent one more Sync, whose answer arms it (a round trip: psycopg's own
+    BEGIN costs as much), and the connection's next transactions are opened psycopg's way, as
+    are those whose setup sets a timeout.
     """
     connection: psycopg.Connection[t.Any] = cursor.connection
+    if connection in _idle_timeout or _sets_idle_timeout(setup):
+        begin_then(connection, setup)
+        cursor.execute(statement, parameters)
+        return
     begin = _begin_sql(connection)
     connection.autocommit = True  # psycopg sends no BEGIN of its own now
     _switched.add(connection)
+    probe = psycopg.Cursor(connection, row_factory=tuple_row)
     try:
         with connection.pipeline():
-            # flask-neon's own commands are never prepared (nor counted towards it).
-            connection.execute(begin, prepare=False)
+            # flask-neon's own commands are never prepared (nor counted towards it), and go
+            # on psycopg's own cursor class, whatever the connection's factories.
+            _command(connection, begin)
             for command in setup:
-                connection.execute(command, prepare=False)
+                _command(connection, command)
             cursor.execute(statement, parameters)
-    except BaseException:
+            probe.execute(_SHOW_IDLE_TIMEOUT, prepare=False)
+    except BaseException as exc:
+        probe.close()
+        if connection.broken:
+            _wire.leave_pipeline_mode(connection)
+        elif connection.pgconn.pipeline_status != pq.PipelineStatus.OFF:
+            # psycopg could not leave pipeline mode: it stopped reading after an error that
+            # ended the session (a FATAL one, e.g. pg_terminate_backend through PgBouncer), and
+            # raised its failure to leave instead. Its own path reads on to the closed
+            # connection and raises the server's error.
+            fatal = _wire.ending_error(exc)
+            if fatal is None:
+                connection.close()  # left in pipeline mode, busy: of no use to anyone
+            else:
+                _wire.read_until_closed(connection)
+                _wire.leave_pipeline_mode(connection)
+                raise fatal.with_traceback(None) from None
+        elif connection.pgconn.transaction_status in _OPEN:
+            # Whether a timeout is in force is not known: as if it were.
+            _wire.arm_idle_timeout(connection)
         _give_back_autocommit(connection)  # if nothing began: the connection is as it was
         raise
+    row = probe.fetchone()
+    probe.close()
+    if row is None or row[0] != "0":
+        _idle_timeout.add(connection)
+        _wire.arm_idle_timeout(connection)
+
+
+def _command(connection: psycopg.Connection[t.Any], command: str) -> None:
+    psycopg.Cursor(connection).execute(command, prepare=False)
+
+
+_SHOW_IDLE_TIMEOUT = "SHOW idle_in_transaction_session_timeout"
+#: Connections whose session has an idle-in-transaction timeout (:func:`execute_first`).
+_idle_timeout: weakref.WeakSet[psycopg.Connection[t.Any]] = weakref.WeakSet()
+_SETS_NO_IDLE_TIMEOUT = re.compile(
+    r"\s*SET\s+LOCAL\s+idle_in_transaction_session_timeout\s*(=|TO)\s*'?0'?\s*$", re.IGNORECASE
+)
+
+
+def _sets_idle_timeout(setup: t.Sequence[str]) -> bool:
+    """True when a setup statement may set an idle-in-transaction timeout."""
+    return any(
+        "idle_in_transaction_session_timeout" in command.lower()
+        and not _SETS_NO_IDLE_TIMEOUT.match(command)
+        for command in setup
+    )
 
 
 # -- ending a transaction without waiting --------------------------------------------------------

@@ -141,10 +141,7 @@ class LocalPostgres(ServerControl):
 
     @property
     def url(self) -> str:
-        """SQLAlchemy URL of the default database.
-
-        For example ``postgresql+psycopg2://postgres@127.0.0.1:54321/postgres``.
-        """
+        """SQLAlchemy URL of the default database (``postgresql+psycopg2://...``)."""
         return self.url_for(self.database)
 
     def url_for(self, database: str, driver: str | None = "psycopg2") -> str:
@@ -156,7 +153,7 @@ class LocalPostgres(ServerControl):
                 ``postgresql://`` URL that names none (an app's ``DB_DRIVER`` then decides).
 
         Returns:
-            A ``postgresql+psycopg2://`` URL without a password (authentication is trust).
+            A URL without a password (authentication is trust).
         """
         user = urllib.parse.quote(self.user, safe="")
         name = urllib.parse.quote(database, safe="")
