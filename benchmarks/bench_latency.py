@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_latency.py [--delays 1,5,20] [--rounds 5] [--per-round 60]
         [--rls] [--chart benchmarks/round_trips.svg] [--json FILE]
+    .venv/bin/python benchmarks/bench_latency.py --redraw FILE --chart benchmarks/round_trips.svg
 
 Every peer is served by gunicorn (gthread, one worker, one thread) and reaches PostgreSQL through
 a proxy of its own that delays each direction by the given milliseconds (a network hop: 1 ms
@@ -374,7 +375,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--chart", type=pathlib.Path, help="draw the counted round trips as an SVG here"
     )
+    parser.add_argument(
+        "--redraw",
+        type=pathlib.Path,
+        metavar="JSON",
+        help="measure nothing: draw --chart from the results of an earlier --json",
+    )
     args = parser.parse_args(argv)
+    if args.redraw:
+        if not args.chart:
+            parser.error("--redraw needs --chart")
+        args.chart.write_text(chart(json.loads(args.redraw.read_text())))
+        return 0
     peers = (*PEERS, RLS) if args.rls else PEERS
     settings = {key: str(value) for key, value in vars(args).items()}
     results: dict[str, t.Any] = {"machine": machine(), "settings": settings, "delays": {}}
@@ -569,7 +581,7 @@ def chart(results: dict[str, t.Any]) -> str:
                 )
             label = f"{waited:.3g}" + (f" + {after:.2g} after" if after >= 0.005 else "")
             label += f" · p50 {row['p50_ms']:.1f} ms"
-            if row["connections"]:
+            if row["connections"] / row["requests"] >= 0.05:
                 label += f" · {row['connections'] / row['requests']:.1f} new connections"
             out.append(
                 f'<text x="{left + (waited + after) * unit + 6:.1f}" y="{y + bar - 3}" '
