@@ -23,10 +23,23 @@ Per request: (large - small) / (large - small requests), so start-up and warm-up
 The apps are those of ``load_test.py``: the example app on flask-neon (production profile) and
 ``fsqla_app.py`` on Flask-SQLAlchemy, with ``pool_pre_ping`` and without.
 
+``--nplusone``: what N+1 detection (``DB_NPLUSONE``, ``flask_neon/_nplusone.py``) costs, in
+instructions per request (callgrind, as above), for three requests of ``nplusone_app.py``:
+a one-query read (``GET /notes/<id>``), 50 ``SELECT`` statements of one shape with other
+parameters (``GET /bench/selects``) and a listing with 50 lazy loads (``GET /bench/lazy``, 51
+statements). Side by side in one run, each case under ``DB_NPLUSONE=off`` and ``warn``, and
+``off`` / ``count`` with ``DB_METRICS=true`` (the Prometheus counter); with ``--before DIR``
+(a checkout of the commit before detection existed: ``git worktree add /tmp/before
+d5029eb~1``) also that checkout's flask_neon on the same app, and with ``--after DIR`` another
+checkout than this one measured as "after". The 50-statement requests run 5 and 20 times
+(after 10), the read 200 and 600 (after WARMUP); ``--keep DIR`` keeps callgrind's files for
+``callgrind_annotate``.
+
 Usage (needs valgrind and strace: ``apt-get install valgrind strace``)::
 
     python benchmarks/bench_cpu.py                 # starts a throwaway local PostgreSQL
     BENCH_DB_URL=postgresql://... python benchmarks/bench_cpu.py --json out.json
+    BENCH_DB_URL=postgresql://... python benchmarks/bench_cpu.py --nplusone --before /tmp/before
 
 Only reports; exits non-zero when a tool is missing or a request fails.
 """
@@ -58,6 +71,39 @@ WARMUP = 200
 #: Timed CPU: runs of CPU_REQUESTS requests, the cheapest counts (the others met other tenants).
 CPU_REPEATS = 7
 CPU_REQUESTS = 1000
+#: Environment of a child: the path it requests (``{id}``: a random note), its warm-up requests,
+#: and a directory whose flask_neon it imports instead of this checkout's.
+PATH_ENV, WARMUP_ENV, SOURCE_ENV = "BENCH_CPU_PATH", "BENCH_CPU_WARMUP", "BENCH_CPU_FLASK_NEON"
+
+
+class Case(t.NamedTuple):
+    """One request of ``--nplusone``, and how often it runs under callgrind."""
+
+    path: str
+    small: int
+    large: int
+    warmup: int
+
+
+NPLUSONE_APP = "benchmarks.nplusone_app"
+NPLUSONE_CASES: dict[str, Case] = {
+    "one-query read": Case("/notes/{id}", 200, 600, WARMUP),
+    "50 SELECTs, one shape": Case("/bench/selects", 5, 20, 10),
+    "50 lazy loads (51 statements)": Case("/bench/lazy", 5, 20, 10),
+}
+#: name -> (checkout: "before", "after"; extra environment). Ratios: each to the one it names.
+NPLUSONE_VARIANTS: dict[str, tuple[str, dict[str, str]]] = {
+    "before detection": ("before", {}),
+    "off": ("after", {"DB_NPLUSONE": "off"}),
+    "warn": ("after", {"DB_NPLUSONE": "warn"}),
+    "off, DB_METRICS": ("after", {"DB_NPLUSONE": "off", "DB_METRICS": "true"}),
+    "count, DB_METRICS": ("after", {"DB_NPLUSONE": "count", "DB_METRICS": "true"}),
+}
+NPLUSONE_RATIOS = (
+    ("off", "before detection"),
+    ("warn", "off"),
+    ("count, DB_METRICS", "off, DB_METRICS"),
+)
 
 
 def _request_loop(module: str) -> t.Callable[[int], None]:
@@ -68,10 +114,11 @@ def _request_loop(module: str) -> t.Callable[[int], None]:
     from werkzeug.test import EnvironBuilder
 
     app = importlib.import_module(module).create_app()
+    path = os.environ.get(PATH_ENV, "/notes/{id}")
     rng = random.Random(1)  # the same notes in every run
     environs = [
         EnvironBuilder(
-            path=f"/notes/{rng.randint(1, NOTES)}",
+            path=path.format(id=rng.randint(1, NOTES)),
             # A WSGI server names itself: flask-neon then ends the transaction after the response.
             environ_base={"SERVER_SOFTWARE": "gunicorn"},
         ).get_environ()
@@ -101,7 +148,7 @@ def _request_loop(module: str) -> t.Callable[[int], None]:
 
 def serve(module: str, requests: int) -> None:
     """In the child: ``requests`` + WARMUP reads (for callgrind and strace)."""
-    _request_loop(module)(WARMUP + requests)
+    _request_loop(module)(int(os.environ.get(WARMUP_ENV, WARMUP)) + requests)
 
 
 def time_cpu(module: str, requests: int) -> None:
@@ -133,8 +180,10 @@ def cpu_microseconds(module: str, env: dict[str, str]) -> float:
     return float(_run(_child(module, CPU_REQUESTS, "--child-cpu"), env).stdout)
 
 
-def instructions(module: str, requests: int, env: dict[str, str], workdir: str) -> int:
-    out = os.path.join(workdir, "callgrind.out")
+def instructions(
+    module: str, requests: int, env: dict[str, str], workdir: str, name: str = "callgrind.out"
+) -> int:
+    out = os.path.join(workdir, name)
     fixed_addresses = ["setarch", "-R"] if shutil.which("setarch") else []
     command = [*fixed_addresses, "valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
     stderr = _run([*command, *_child(module, requests)], env).stderr
@@ -160,11 +209,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", type=int, default=200, help="requests of the first run")
     parser.add_argument("--large", type=int, default=600, help="requests of the second run")
     parser.add_argument("--json", help="write the results to this file")
+    parser.add_argument("--nplusone", action="store_true", help="the cost of N+1 detection")
+    parser.add_argument("--before", help="--nplusone: a checkout from before detection")
+    parser.add_argument("--after", help="--nplusone: the checkout measured (default: this one)")
+    parser.add_argument("--keep", help="--nplusone: keep callgrind's files in this directory")
     parser.add_argument("--child", nargs=2, metavar=("MODULE", "REQUESTS"), help=argparse.SUPPRESS)
     parser.add_argument("--child-cpu", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child or args.child_cpu:
         sys.path.insert(0, str(ROOT))
+        source = os.environ.get(SOURCE_ENV)
+        if source:  # a directory holding only a link to another checkout's flask_neon
+            sys.path.insert(0, source)
+            import flask_neon
+
+            found, wanted = (
+                pathlib.Path(flask_neon.__file__).resolve().parent,
+                (pathlib.Path(source) / "flask_neon").resolve(),
+            )
+            if found != wanted:
+                sys.exit(f"flask_neon came from {found}, not {wanted}")
         module, requests = args.child or args.child_cpu
         (serve if args.child else time_cpu)(module, int(requests))
         return 0
@@ -178,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--large must be more than --small")
 
     sys.path.insert(0, str(ROOT))
+    if args.nplusone:
+        return nplusone_cost(args.before, args.after, args.keep, args.json)
     from benchmarks.load_test import database, prepare
 
     results: dict[str, dict[str, float]] = {}
@@ -216,6 +282,72 @@ def main(argv: list[str] | None = None) -> int:
             )
     if args.json:
         pathlib.Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def _checkout(directory: str) -> str:
+    """The commit of a checkout, and whether its flask_neon differs from it."""
+    git = ["git", "-C", directory]
+    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "flask_neon"], capture_output=True, text=True
+    )
+    return head.stdout.strip() + (" + uncommitted flask_neon changes" if dirty.stdout else "")
+
+
+def nplusone_cost(
+    before: str | None, after: str | None, keep: str | None, json_file: str | None
+) -> int:
+    """``--nplusone``: instructions per request of each case under each variant."""
+    from benchmarks.load_test import database, prepare
+    from benchmarks.nplusone_app import seed
+
+    sources = {"after": str(pathlib.Path(after or ROOT).resolve())}
+    if before:
+        sources["before"] = str(pathlib.Path(before).resolve())
+    for label, directory in sources.items():
+        if not (pathlib.Path(directory) / "flask_neon" / "__init__.py").is_file():
+            raise SystemExit(f"--{label} {directory}: no flask_neon there")
+        print(f"{label}: {directory} at {_checkout(directory)}", flush=True)
+    variants = {n: v for n, v in NPLUSONE_VARIANTS.items() if v[0] in sources}
+    if keep:
+        pathlib.Path(keep).mkdir(parents=True, exist_ok=True)
+    results: dict[str, dict[str, float]] = {case: {} for case in NPLUSONE_CASES}
+    with database() as (url, _), tempfile.TemporaryDirectory(prefix="bench-cpu-") as workdir:
+        # Only flask_neon comes from a checkout: the app, the benchmark and the rest from here.
+        for label, directory in list(sources.items()):
+            linked = pathlib.Path(workdir) / f"flask_neon-{label}"
+            linked.mkdir()
+            (linked / "flask_neon").symlink_to(pathlib.Path(directory) / "flask_neon")
+            sources[label] = str(linked)
+        prepare(url)
+        seed(url)
+        base = {key: value for key, value in os.environ.items() if not key.startswith("DB_")}
+        for case, (path, small, large, warmup) in NPLUSONE_CASES.items():
+            for name, (checkout, extra) in variants.items():
+                env = {
+                    **base,
+                    "DB_URL": url,
+                    "DB_PROFILE": "production",
+                    "PYTHONHASHSEED": "0",
+                    PATH_ENV: path,
+                    WARMUP_ENV: str(warmup),
+                    SOURCE_ENV: sources[checkout],
+                    **extra,
+                }
+                counts = []
+                for requests in (small, large):
+                    file = re.sub(r"\W+", "-", f"{case} {name} {requests}") + ".callgrind"
+                    counts.append(instructions(NPLUSONE_APP, requests, env, keep or workdir, file))
+                per_request = (counts[1] - counts[0]) / (large - small)
+                results[case][name] = per_request
+                print(f"{case:30} {name:20} {per_request / 1000:9.1f} k instructions", flush=True)
+            for name, reference in NPLUSONE_RATIOS:
+                if name in results[case] and reference in results[case]:
+                    ratio = results[case][name] / results[case][reference]
+                    print(f"{case:30} {name} / {reference}: {ratio:.4f} ({ratio - 1:+.2%})")
+    if json_file:
+        pathlib.Path(json_file).write_text(json.dumps(results, indent=2))
     return 0
 
 
