@@ -69,11 +69,16 @@ def install(engine: sa.Engine, driver: Driver) -> None:
     dbapi_rollback = engine.dialect.do_rollback
 
     def do_rollback(dbapi_connection: PoolProxiedConnection) -> None:
-        if _AFTER_RESPONSE.get() and driver.send_rollback(dbapi_connection.dbapi_connection):
-            # The driver's own rollback would send another (or nothing, on psycopg2): the pool
-            # reads the reply before the connection is used again.
-            dbapi_connection.info[_SENT] = time.monotonic()
-            return
+        if _AFTER_RESPONSE.get():
+            if _SENT in dbapi_connection.info:
+                # The pool's reset after the session's own rollback: the ROLLBACK in flight
+                # ends the transaction (psycopg 3 would send another while libpq awaits its
+                # reply; psycopg2 would send nothing).
+                return
+            if driver.send_rollback(dbapi_connection.dbapi_connection):
+                # The pool reads the reply before the connection is used again.
+                dbapi_connection.info[_SENT] = time.monotonic()
+                return
         dbapi_rollback(dbapi_connection)
 
     engine.dialect.do_rollback = do_rollback  # type: ignore[method-assign]

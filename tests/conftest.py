@@ -38,6 +38,8 @@ TEST_URL_ENV = "FLASK_NEON_TEST_URL"
 TEST_DRIVER_ENV = "FLASK_NEON_TEST_DRIVER"
 #: The driver of the apps under test (``FLASK_NEON_TEST_DRIVER``).
 DRIVER = os.environ.get(TEST_DRIVER_ENV, "").strip() or DRIVERS[0]
+#: What fast BEGIN on psycopg 3 adds to a transaction's first pipeline (docs/fast-begin.md).
+SHOW_IDLE = "SHOW idle_in_transaction_session_timeout"
 #: The settings of the test's own environment, kept when the developer's shell is cleaned.
 KEPT_ENV = (TEST_URL_ENV, TEST_DRIVER_ENV)
 #: What the developer's shell may hold that flask-neon or Flask would read.

@@ -31,7 +31,7 @@ import pytest
 
 from flask_neon.local import LocalPostgres, LocalPostgresError, find_pg_bin, server_account
 
-from .conftest import closed_port, wait_until
+from .conftest import DRIVER, closed_port, wait_until
 
 if t.TYPE_CHECKING:
     import types
@@ -198,9 +198,9 @@ class PgBouncer(_Server):
         return False
 
     def url_for(self, database: str) -> str:
-        """SQLAlchemy URL of ``database`` through the pooler."""
+        """SQLAlchemy URL of ``database`` through the pooler, on the test driver."""
         name = urllib.parse.quote(database, safe="")
-        return f"postgresql+psycopg2://postgres@{self.host}:{self.port}/{name}"
+        return f"postgresql+{DRIVER}://postgres@{self.host}:{self.port}/{name}"
 
     def admin(self, command: str) -> list[dict[str, t.Any]]:
         """Run an admin console command (``SHOW POOLS``...) and return its rows as dicts."""

@@ -20,7 +20,7 @@ from flask import Flask
 
 from flask_neon import NeonDB, driver
 
-from .conftest import DRIVER, AppFactory, admin_execute, wait_until, with_driver
+from .conftest import DRIVER, SHOW_IDLE, AppFactory, admin_execute, wait_until, with_driver
 from .http_server import LiveServer
 from .proxy import FaultProxy
 
@@ -38,9 +38,6 @@ def queries_of_one_request(
     proxy.queries.clear()
     one_request(db, app)
     return list(proxy.queries)
-
-
-SHOW_IDLE = "SHOW idle_in_transaction_session_timeout"
 
 
 def exchanges_of_one_request(

@@ -370,7 +370,7 @@ def test_dispose_closes_a_connection_whose_rollback_is_in_flight(
         with app.app_context():
             pool = t.cast(SettlingQueuePool, db.engine.pool)
             settling = [record.dbapi_connection for record in pool._settling]
-            assert [connection.get_backend_pid() for connection in settling] == [first]
+            assert [connection.info.backend_pid for connection in settling] == [first]
             db.engine.dispose()
             assert settling[0].closed
             assert db.pool_stats()["checked_out"] == 0
@@ -418,6 +418,7 @@ def named_cursor_steps(database_url: str, kind: str, **settings: t.Any) -> dict[
             db.engine.dispose()
 
 
+@pytest.mark.psycopg2_only  # psycopg 3 tracks no ended transactions: its close() is the same
 @pytest.mark.parametrize("kind", ["sqlalchemy", "dbapi"])
 def test_a_named_cursor_after_a_rollback_sent_without_waiting_is_as_after_psycopg2s(
     database_url: str, kind: str, monkeypatch: pytest.MonkeyPatch

@@ -20,7 +20,7 @@ from flask import Flask, abort, request
 
 from flask_neon import DatabaseContext, NeonConfigError, NeonDB, NeonStateError
 
-from .conftest import admin_execute
+from .conftest import DRIVER, SHOW_IDLE, admin_execute
 from .http_server import LiveServer
 from .proxy import FaultProxy
 from .servers import PgBouncer, pgbouncer_fixture  # noqa: F401 - a fixture, used by name
@@ -178,17 +178,31 @@ def test_jwt_claims_and_a_role_as_neon_rls_uses_them(rls_database: str) -> None:
 def test_the_context_travels_with_begin_and_never_outlives_the_request(
     rls_database: str, proxy: FaultProxy
 ) -> None:
-    # One pooled connection: every request below runs on the same server session.
-    app, db = rls_app(proxy.url(rls_database), DB_POOL_SIZE=1, DB_MAX_OVERFLOW=0)
+    # One pooled connection: every request below runs on the same server session. (No
+    # idle-in-transaction timeout: with one, psycopg 3 sends its own BEGIN.)
+    app, db = rls_app(
+        proxy.url(rls_database),
+        DB_POOL_SIZE=1,
+        DB_MAX_OVERFLOW=0,
+        DB_IDLE_IN_TRANSACTION_TIMEOUT=0,
+    )
     try:
         get(app, "/whoami")  # the dialect's own first-connect queries
-        before = len(proxy.queries)
+        before = len(proxy.exchanges)
         assert get(app, "/todos", **{"X-User": "bob"})[0] == 200
-        sent = proxy.queries[before:]
-        # One message carries BEGIN, the settings, the role and the first statement.
-        assert sent[0].startswith('BEGIN; SET LOCAL "request"."jwt"."claims" = E\'{')
-        assert f'SET LOCAL ROLE "{AUTHENTICATED}";\nSELECT task FROM todos' in sent[0]
-        assert sent[1:] == ["SELECT current_user", "ROLLBACK"]
+        sent = proxy.exchanges[before:]
+        # One round trip carries BEGIN, the settings, the role and the first statement.
+        claims = 'SET LOCAL "request"."jwt"."claims" = E\'{'
+        role = f'SET LOCAL ROLE "{AUTHENTICATED}"'
+        if DRIVER == "psycopg2":  # one message
+            assert sent[0][0].startswith(f"BEGIN; {claims}")
+            assert f"{role};\nSELECT task FROM todos" in sent[0][0]
+        else:  # one pipeline: each its own command, then what fast BEGIN reads of the timeout
+            begin, settings, role_sent, first, show = sent[0]
+            assert (begin, role_sent, show) == ("BEGIN", role, SHOW_IDLE)
+            assert settings.startswith(claims)
+            assert first.startswith("SELECT task FROM todos")
+        assert sent[1:] == [["SELECT current_user"], ["ROLLBACK"]]
         # The next request on the same connection sees none of it.
         assert get(app, "/whoami") == (200, {"user": LOGIN, "tenant": None})
         assert get(app, "/notes", **{"X-Tenant": "1"})[0] == 200
@@ -201,11 +215,11 @@ def test_it_fails_closed(rls_database: str, proxy: FaultProxy) -> None:
     app, db = rls_app(proxy.url(rls_database))
     try:
         get(app, "/whoami")
-        before = len(proxy.queries)
+        before = len(proxy.statements)
         assert get(app, "/todos")[0] == 401  # the function refused: nothing sent
         status, _ = get(app, "/notes", **{"X-Tenant": "forgotten"})
         assert status == 500  # returned nothing for a request that needs a context
-        assert proxy.queries[before:] == []
+        assert proxy.statements[before:] == []
     finally:
         dispose(app, db)
 
