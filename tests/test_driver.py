@@ -323,3 +323,33 @@ def test_install_on_a_plain_engine_of_either_driver(
             ["BEGIN", "SET LOCAL statement_timeout = 5000", "SHOW statement_timeout", SHOW_IDLE],
             ["ROLLBACK"],
         ]
+
+
+@pytest.mark.parametrize(
+    ("name", "idle_timeout"), [("psycopg2", 60), ("psycopg", 60), ("psycopg", 0)]
+)
+def test_read_requests_keep_their_connection(
+    make_app: AppFactory, database_url: str, name: str, idle_timeout: float
+) -> None:
+    """The ROLLBACK after each read's response ends its transaction and nothing else: the
+    next request gets the same connection (a second ROLLBACK sent while the first was in
+    flight once made psycopg 3 discard it, a new connection per read)."""
+    app, db = make_app(
+        with_driver(database_url, name),
+        DB_POOL_SIZE=1,
+        DB_MAX_OVERFLOW=0,
+        DB_IDLE_IN_TRANSACTION_TIMEOUT=idle_timeout,
+    )
+    invalidated: list[t.Any] = []
+    with app.app_context():
+        sa.event.listen(db.engine.pool, "invalidate", lambda *args: invalidated.append(args))
+
+    @app.get("/pid")
+    def pid() -> dict[str, t.Any]:
+        return {"pid": db.session.execute(sa.text("SELECT pg_backend_pid()")).scalar()}
+
+    with LiveServer(app) as server:
+        pids = {server.get("/pid").json()["pid"] for _ in range(6)}
+        assert server.errors == []
+    assert invalidated == []
+    assert len(pids) == 1
