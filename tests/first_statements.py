@@ -308,6 +308,9 @@ def _invalid(b: _Builder) -> tuple[str, dict[str, t.Any]]:
             "SELECT fz_lock(), 1 / 0",
             "SELECT a_long_identifier_" + "z" * 60 + " FROM f",
             "SELECT 'a\\b', nope FROM f",
+            "SELECT $1",
+            f"SELECT {b.param(1)}, $2",
+            "SELECT id FROM f WHERE $1 IS NULL",
         ]
     )
     return sql, {}

@@ -65,6 +65,15 @@ class FaultProxy:
         self.accepted = 0
         #: The text of every simple-protocol query the clients sent, in order.
         self.queries: list[str] = []
+        #: Every statement the clients sent, in order: a Query message's text, a Parse
+        #: message's (the extended protocol, psycopg 3's), ``EXECUTE <name>`` for a Bind of a
+        #: statement prepared earlier.
+        self.statements: list[str] = []
+        #: The statements by round trip: each entry is what a client sent up to a message the
+        #: server answers with ReadyForQuery (a Query, a Sync), the point where a client that
+        #: wants the answer waits for it. psycopg2: one Query per entry; psycopg 3: its
+        #: pipeline's Parse/Bind/Execute messages up to their Sync.
+        self.exchanges: list[list[str]] = []
         #: A query starting with this text is held back until ``release`` is set; ``held``
         #: is set when one arrives (to see what happens before it reaches the server).
         self.hold: str | None = None
@@ -136,7 +145,7 @@ class FaultProxy:
 
     def _pump(self, client: socket.socket, server: socket.socket) -> None:
         sockets = [client, server]
-        parser = _ClientStream(self.queries)
+        parser = _ClientStream(self.queries, self.statements, self.exchanges)
         # A selector, not select(): it takes descriptors above 1023 (tests that open many).
         selector = selectors.DefaultSelector()
         try:
@@ -149,10 +158,10 @@ class FaultProxy:
                     if not data:
                         return
                     if sock is client:
-                        seen = len(self.queries)
+                        seen = len(self.statements)
                         parser.feed(data)
                         if self.hold and any(
-                            query.startswith(self.hold) for query in self.queries[seen:]
+                            query.startswith(self.hold) for query in self.statements[seen:]
                         ):
                             self.held.set()
                             self.release.wait()
@@ -170,10 +179,20 @@ class FaultProxy:
 
 
 class _ClientStream:
-    """Follows the client's half of the protocol and records each Query ('Q') message."""
+    """Follows the client's half of the protocol and records its statements: each Query ('Q')
+    message, each Parse ('P'), each Bind ('B') of a named statement, and where a Query or a
+    Sync ('S') ends an exchange."""
 
-    def __init__(self, queries: list[str]) -> None:
+    def __init__(
+        self,
+        queries: list[str],
+        statements: list[str] | None = None,
+        exchanges: list[list[str]] | None = None,
+    ) -> None:
         self.queries = queries
+        self.statements = statements if statements is not None else []
+        self.exchanges = exchanges if exchanges is not None else []
+        self.pending: list[str] = []
         self.buffer = b""
         self.started = False
 
@@ -198,4 +217,24 @@ class _ClientStream:
                 return
             payload, self.buffer = self.buffer[5 : 1 + length], self.buffer[1 + length :]
             if kind == b"Q":
-                self.queries.append(payload.rstrip(b"\x00").decode("utf-8", "replace"))
+                text = payload.rstrip(b"\x00").decode("utf-8", "replace")
+                self.queries.append(text)
+                self._statement(text)
+                self._exchange()
+            elif kind == b"P":  # Parse: statement name, query, parameter types
+                text = payload.split(b"\x00", 2)[1].decode("utf-8", "replace")
+                self._statement(text)
+            elif kind == b"B":  # Bind: portal name, statement name, ...
+                name = payload.split(b"\x00", 2)[1]
+                if name:
+                    self._statement(f"EXECUTE {name.decode('utf-8', 'replace')}")
+            elif kind == b"S":
+                self._exchange()
+
+    def _statement(self, text: str) -> None:
+        self.pending.append(text)
+        self.statements.append(text)
+
+    def _exchange(self) -> None:
+        self.exchanges.append(self.pending)
+        self.pending = []

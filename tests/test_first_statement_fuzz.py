@@ -1,19 +1,22 @@
 """A seeded differential fuzzer of transactions' first statements (generator: first_statements.py).
 
 Each generated statement runs as a transaction's first through SQLAlchemy's ``exec_driver_sql``
-(with or without parameters) on an engine with ``DB_FAST_BEGIN=false`` (psycopg2's own BEGIN,
+(with or without parameters) on an engine with ``DB_FAST_BEGIN=false`` (the driver's own BEGIN,
 the oracle) and on one with fast BEGIN, each time in a new session of a freshly re-created
-schema; then the transaction's next statement, then its commit or rollback. Everything
-observable is recorded and must be equal, statement by statement: rows, column names, status
-message and row count, or the exception (type, text, ``pgcode``, ``pgerror``, every ``diag``
-field); notices and notifications; psycopg2's transaction flag and libpq's transaction status;
-what the session keeps (prepared statements with their text, cursors with theirs, advisory and
-other locks, listened channels, temporary tables, settings); what the database keeps (tables,
-rows, indexes, sequence values, prepared transactions).
+schema; then the transaction's next statement, then its commit or rollback; on psycopg2 and on
+psycopg 3. Everything observable is recorded and must be equal, statement by statement: rows,
+column names, status message and row count, or the exception (type, text, ``pgcode`` /
+``sqlstate``, ``pgerror``, every ``diag`` field); notices and notifications; the driver's
+transaction attributes and libpq's transaction status; what the session keeps (prepared
+statements with their text, cursors with theirs, advisory and other locks, listened channels,
+temporary tables, settings); what the database keeps (tables, rows, indexes, sequence values,
+prepared transactions).
 
-Left out, as docs/fast-begin.md documents them: ``cursor.query``'s text, and what the server
-records of the message (``current_query()``, ``pg_stat_activity.query``, ``now()`` against
-``statement_timestamp()``): nothing generated reads them.
+Left out, as docs/fast-begin.md documents them for psycopg2: ``cursor.query``'s text, and what
+the server records of the message (``current_query()``, ``pg_stat_activity.query``, ``now()``
+against ``statement_timestamp()``): nothing generated reads them. On psycopg 3,
+``autocommit`` inside the transaction fast BEGIN opened is checked as documented
+(:meth:`parity.Out.state`).
 
 ``FLASK_NEON_FUZZ_SEED`` replays a seed (a failure names it); ``FLASK_NEON_FUZZ_CASES`` sets how
 many statements (default 300).
@@ -37,7 +40,7 @@ import sqlalchemy as sa
 from . import first_statements, parity
 from .conftest import _dsn, admin_execute, wait_until
 from .first_statements import FirstStatement
-from .test_driver_parity import engine_of, first_query
+from .test_driver_parity import DRIVERS, engine_of, opened_fast, with_driver
 
 DEFAULT_CASES = 300
 #: How many differing statements a failure describes in full (all are counted).
@@ -58,13 +61,24 @@ def fuzz_url(database_url: str) -> Iterator[str]:
 class Runner:
     """Runs a generated statement on one engine, in a new session of a fresh schema."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, driver: str = "psycopg2") -> None:
         self.url = url
         self.admin = psycopg2.connect(_dsn(url), application_name="fuzz-admin")
         self.admin.autocommit = True
-        self.engines = {fast: engine_of(url, DB_FAST_BEGIN=fast)[0] for fast in (False, True)}
-        assert first_query(self.engines[True]).startswith(b"BEGIN;")  # fast BEGIN engaged
-        assert first_query(self.engines[False]) == b"SELECT 1"
+        # psycopg 3: without an idle-in-transaction timeout, where fast BEGIN opens every
+        # transaction (with one, only a connection's first: test_driver_parity).
+        config = {"DB_IDLE_IN_TRANSACTION_TIMEOUT": 0} if driver == "psycopg" else {}
+        self.engines = {
+            fast: engine_of(with_driver(url, driver), DB_FAST_BEGIN=fast, **config)[0]
+            for fast in (False, True)
+        }
+        if driver == "psycopg":
+            for engine in self.engines.values():
+                sa.event.listen(
+                    engine, "connect", lambda dbapi, record: parity.watch_notifies(dbapi)
+                )
+        assert opened_fast(self.engines[True])  # fast BEGIN engaged
+        assert not opened_fast(self.engines[False])
 
     def close(self) -> None:
         for engine in self.engines.values():
@@ -131,13 +145,13 @@ class Runner:
                     out.do("commit", connection.commit)
                 if item.change:
                     self.rows(item.change)
-                del raw.notices[:]
+                parity.clear_notices(raw)
                 out.do("first statement", first, connection, item)
                 out.state("after the first statement", raw)
                 out.do("next statement", parity.execute, connection, item.follow_up)
                 out.do(item.end, getattr(connection, item.end))
                 out.state(f"after {item.end}", raw)
-                out.fact("notifications", [(n.channel, n.payload) for n in raw.notifies])
+                out.fact("notifications", parity.notifications(raw))
                 out.session("session", raw)
             out.fact("logged notices", notices)
             out.fact("kept", self.kept(pid))
@@ -200,7 +214,7 @@ def difference(expected: list[t.Any], actual: list[t.Any]) -> str:
     lines = difflib.unified_diff(
         pprint.pformat(expected, width=110).splitlines(),
         pprint.pformat(actual, width=110).splitlines(),
-        "psycopg2's BEGIN",
+        "the driver's BEGIN",
         "fast BEGIN",
         n=1,
         lineterm="",
@@ -208,10 +222,11 @@ def difference(expected: list[t.Any], actual: list[t.Any]) -> str:
     return "\n".join(lines)
 
 
-def test_first_statements_behave_as_with_psycopg2s_begin(fuzz_url: str) -> None:
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_first_statements_behave_as_with_the_drivers_begin(fuzz_url: str, driver: str) -> None:
     seed, count = seed_and_count()
-    print(f"FLASK_NEON_FUZZ_SEED={seed} FLASK_NEON_FUZZ_CASES={count}")
-    runner = Runner(fuzz_url)
+    print(f"{driver}: FLASK_NEON_FUZZ_SEED={seed} FLASK_NEON_FUZZ_CASES={count}")
+    runner = Runner(fuzz_url, driver)
     started = time.monotonic()
     differing: list[tuple[FirstStatement, str]] = []
     try:
@@ -230,7 +245,7 @@ def test_first_statements_behave_as_with_psycopg2s_begin(fuzz_url: str) -> None:
             kinds[item.kind] = kinds.get(item.kind, 0) + 1
         shown = "\n\n".join(f"{item.describe()}\n{diff}" for item, diff in differing[:SHOWN])
         pytest.fail(
-            f"{len(differing)} of {count} first statements differ from psycopg2's own BEGIN "
+            f"{len(differing)} of {count} first statements differ from {driver}'s own BEGIN "
             f"(by kind: {kinds}); replay with FLASK_NEON_FUZZ_SEED={seed} "
             f"FLASK_NEON_FUZZ_CASES={count}\n\n{shown}",
             pytrace=False,
