@@ -28,8 +28,13 @@ def url_for(name: str) -> str:
     return sa.make_url(BASE_URL).set(database=database).render_as_string(hide_password=False)
 
 
+def libpq(url: str) -> str:
+    """``url`` as libpq reads it (no SQLAlchemy driver name): the apps' driver may be either."""
+    return sa.make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
 def admin(statement: str) -> None:
-    connection = psycopg2.connect(BASE_URL.replace("postgresql+psycopg2://", "postgresql://"))
+    connection = psycopg2.connect(libpq(BASE_URL))
     connection.autocommit = True
     try:
         connection.cursor().execute(statement)
@@ -62,8 +67,7 @@ class _Cursor:
 
 class _Connection:
     def __init__(self, filename: str) -> None:
-        url = url_for(filename.removesuffix(".db")).replace("postgresql+psycopg2", "postgresql")
-        self._connection = psycopg2.connect(url)
+        self._connection = psycopg2.connect(libpq(url_for(filename.removesuffix(".db"))))
 
     def cursor(self) -> _Cursor:
         return _Cursor(self._connection)

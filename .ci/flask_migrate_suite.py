@@ -3,11 +3,12 @@
     .venv/bin/python .ci/flask_migrate_suite.py
 
 Downloads the source distribution of the installed Flask-Migrate (nothing is copied into this
-repository) and runs its tests twice, side by side, in two copies: once as they are, once with
-the two-line change a Flask-SQLAlchemy user makes (``from flask_neon import NeonDB``,
-``NeonDB(app)``). In both, the apps' SQLite files become PostgreSQL databases of a throwaway
-cluster (``flask_migrate_conftest.py``). Fails when flask-neon fails a test that
-Flask-SQLAlchemy passes, or when the two runs ran different numbers of tests.
+repository) and runs its tests side by side in three copies: once as they are, twice with the
+two-line change a Flask-SQLAlchemy user makes (``from flask_neon import NeonDB``,
+``NeonDB(app)``), on psycopg2 and on psycopg 3. In all, the apps' SQLite files become
+PostgreSQL databases of a throwaway cluster (``flask_migrate_conftest.py``). Fails when
+flask-neon fails a test that Flask-SQLAlchemy passes, or when the runs ran different numbers
+of tests.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from sdist import download, failures  # .ci/, the script's own folder
 from flask_neon.local import LocalPostgres
 
 HERE = pathlib.Path(__file__).resolve().parent
+#: Each run and the driver its apps' URLs name: Flask-SQLAlchemy is the oracle.
+PEERS = {"flask-sqlalchemy": "psycopg2", "flask-neon": "psycopg2", "flask-neon-psycopg": "psycopg"}
 #: ``'sqlite:///' + os.path.join(basedir, 'app1.db')``, over one or two lines, either quotes.
 SQLITE_URL = re.compile(
     r"""['"]sqlite:///['"]\s*\+\s*os\.path\.join\(\s*basedir,\s*['"](\w+)\.db['"]\)"""
@@ -51,12 +54,14 @@ def main() -> int:
         workdir = pathlib.Path(tmp)
         source = download("flask-migrate", flask_migrate_version, workdir / "sdist")
         with LocalPostgres() as cluster:
-            base = f"postgresql+psycopg2://{cluster.user}@{cluster.host}:{cluster.port}/postgres"
             runs = {}
-            for peer in ("flask-sqlalchemy", "flask-neon"):
+            for peer, driver in PEERS.items():
+                base = (
+                    f"postgresql+{driver}://{cluster.user}@{cluster.host}:{cluster.port}/postgres"
+                )
                 copy = workdir / peer
                 shutil.copytree(source, copy)
-                point_at_postgresql(copy / "tests", neon=peer == "flask-neon")
+                point_at_postgresql(copy / "tests", neon=peer.startswith("flask-neon"))
                 report = workdir / f"{peer}.xml"
                 # The apps' environment: no DB_* of this shell, no .env (flask-neon reads both).
                 env = {
@@ -75,20 +80,25 @@ def main() -> int:
             for process, _, log in runs.values():
                 process.wait()
                 log.close()
-            (theirs_ran, theirs_failed), (ours_ran, ours_failed) = (
-                failures(report) for _, report, _ in runs.values()
-            )
-        new = sorted(ours_failed - theirs_failed)
+            results = {peer: failures(report) for peer, (_, report, _) in runs.items()}
+        theirs_ran, theirs_failed = results.pop("flask-sqlalchemy")
         print(f"Flask-Migrate {flask_migrate_version}'s own tests, on PostgreSQL")
-        print(f"  Flask-SQLAlchemy: {theirs_ran} run, {theirs_ran - len(theirs_failed)} passed")
-        print(f"  flask-neon:       {ours_ran} run, {ours_ran - len(ours_failed)} passed")
-        for test in new:
-            print(f"  failing only on flask-neon: {test}")
+        passed = theirs_ran - len(theirs_failed)
+        print(f"  Flask-SQLAlchemy (psycopg2): {theirs_ran} run, {passed} passed")
         for test in sorted(theirs_failed):
             print(f"  fails on Flask-SQLAlchemy too (not counted): {test}")
-        if new or theirs_failed:
-            print((workdir / "flask-neon.log").read_text()[-20000:])
-        return 1 if new or ours_ran != theirs_ran or not ours_ran else 0
+        ok = True
+        for peer, (ours_ran, ours_failed) in results.items():
+            new = sorted(ours_failed - theirs_failed)
+            print(
+                f"  {peer} ({PEERS[peer]}): {ours_ran} run, {ours_ran - len(ours_failed)} passed"
+            )
+            for test in new:
+                print(f"  failing only on {peer}: {test}")
+            if new or theirs_failed:
+                print((workdir / f"{peer}.log").read_text()[-20000:])
+            ok = ok and not new and ours_ran == theirs_ran and ours_ran > 0
+        return 0 if ok else 1
 
 
 if __name__ == "__main__":
