@@ -60,23 +60,29 @@ CASES = [
 CASE_IDS = [case.__name__ for case in CASES]
 
 
-# Class-scoped: the instrumentation is on for the tests of TestUnderOpenTelemetry only.
-@pytest.fixture(scope="class")
-def spans() -> Iterator[InMemorySpanExporter]:
-    """OpenTelemetry's psycopg2 and SQLAlchemy instrumentation, on for the module's engines."""
+@contextlib.contextmanager
+def instrumented(*instrumentors: t.Any) -> Iterator[InMemorySpanExporter]:
+    """``instrumentors`` on, exporting to memory; off again afterwards (left on, they would
+    trace, and change the cursor class of, every later test)."""
     exporter = InMemorySpanExporter()
     provider = TracerProvider()
     provider.add_span_processor(SimpleSpanProcessor(exporter))
-    instrumentors = [Psycopg2Instrumentor(), SQLAlchemyInstrumentor()]
     try:
         for instrumentor in instrumentors:
             instrumentor.instrument(tracer_provider=provider, skip_dep_check=True)
         yield exporter
     finally:
-        # Left on, they would trace (and change the cursor class of) every later test.
         for instrumentor in instrumentors:
             if instrumentor.is_instrumented_by_opentelemetry:
                 instrumentor.uninstrument()
+
+
+# Class-scoped: the instrumentation is on for the tests of TestUnderOpenTelemetry only.
+@pytest.fixture(scope="class")
+def spans() -> Iterator[InMemorySpanExporter]:
+    """OpenTelemetry's psycopg2 and SQLAlchemy instrumentation, on for the module's engines."""
+    with instrumented(Psycopg2Instrumentor(), SQLAlchemyInstrumentor()) as exporter:
+        yield exporter
 
 
 @pytest.fixture(scope="class")
@@ -278,23 +284,6 @@ CASES3 = [
     ),
 ]
 CASE3_IDS = [case.__name__ for case in CASES3]
-
-
-@contextlib.contextmanager
-def instrumented(*instrumentors: t.Any) -> Iterator[InMemorySpanExporter]:
-    """``instrumentors`` on, exporting to memory; off again afterwards (left on, they would
-    trace, and change the cursor class of, every later test)."""
-    exporter = InMemorySpanExporter()
-    provider = TracerProvider()
-    provider.add_span_processor(SimpleSpanProcessor(exporter))
-    try:
-        for instrumentor in instrumentors:
-            instrumentor.instrument(tracer_provider=provider, skip_dep_check=True)
-        yield exporter
-    finally:
-        for instrumentor in instrumentors:
-            if instrumentor.is_instrumented_by_opentelemetry:
-                instrumentor.uninstrument()
 
 
 @pytest.fixture(scope="class")
