@@ -154,22 +154,28 @@ class Runner:
                 out.fact("notifications", parity.notifications(raw))
                 out.session("session", raw)
             out.fact("logged notices", notices)
+            if raw.closed:  # discarded by the pool: its backend goes, at its own pace
+                self.gone(pid)
             out.fact("kept", self.kept(pid))
         finally:
             engine.dispose()
             if pid is not None:
                 # Its session-level locks go with the backend: the next run must not meet them.
-                wait_until(
-                    lambda: (
-                        not self.rows(
-                            "SELECT 1 FROM pg_stat_activity WHERE pid = %s "
-                            "UNION ALL SELECT 1 FROM pg_locks WHERE pid = %s",
-                            (pid, pid),
-                        )
-                    ),
-                    message=f"backend {pid} gone",
-                )
+                self.gone(pid)
         return out.events
+
+    def gone(self, pid: int) -> None:
+        """Wait until backend ``pid`` and its locks are gone."""
+        wait_until(
+            lambda: (
+                not self.rows(
+                    "SELECT 1 FROM pg_stat_activity WHERE pid = %s "
+                    "UNION ALL SELECT 1 FROM pg_locks WHERE pid = %s",
+                    (pid, pid),
+                )
+            ),
+            message=f"backend {pid} gone",
+        )
 
 
 def first(connection: sa.Connection, item: FirstStatement) -> tuple[t.Any, ...]:
