@@ -162,6 +162,13 @@ def goodbye(connection: t.Any, timeout: float = 10.0) -> list[str]:
     return list(connection.notices)
 
 
+#: What psycopg2 says of a connection the server closed without a word.
+CLOSED = (
+    "server closed the connection unexpectedly\n\tThis probably means the server terminated "
+    "abnormally\n\tbefore or while processing the request.\n"
+)
+
+
 def saying(messages: list[str], text: str) -> str:
     """The one of ``messages`` that contains ``text``."""
     found = [message for message in messages if text in message]
@@ -308,12 +315,19 @@ def test_backend_crash(cluster: LocalPostgres) -> None:
         assert_transient(refusal(cluster, "in recovery mode"), "server_starting")
     finally:
         os.kill(stuck_pid, signal.SIGCONT)
-    said = saying(goodbye(victim), "terminating connection because of unexpected SIGQUIT")
-    assert_transient(said, "connection_lost")
-    said = saying(goodbye(bystander), "terminating connection because of crash of another")
-    assert_transient(said, "connection_lost")
+    # Each session is told why (the server's last words), or, when the server's write did not
+    # make it before the exit (a loaded machine), finds the connection closed: lost either way.
+    for connection, words in (
+        (victim, "terminating connection because of unexpected SIGQUIT"),
+        (bystander, "terminating connection because of crash of another"),
+    ):
+        said = goodbye(connection)
+        assert any(words in message for message in said) or said == [CLOSED], said
+        for message in said:
+            assert_transient(message, "connection_lost")
     for connection in (victim, bystander, stuck):
-        assert_transient(failure(connection), "connection_lost")
+        if not connection.closed:  # (one that read the close above knows it already)
+            assert_transient(failure(connection), "connection_lost")
 
     # It comes back by itself; whatever it answers meanwhile is transient.
     errors: list[psycopg2.OperationalError] = []
