@@ -32,8 +32,13 @@ statements). Side by side in one run, each case under ``DB_NPLUSONE=off`` and ``
 (a checkout of the commit before detection existed: ``git worktree add /tmp/before
 d5029eb~1``) also that checkout's flask_neon on the same app, and with ``--after DIR`` another
 checkout than this one measured as "after". The 50-statement requests run 5 and 20 times
-(after 10), the read 200 and 600 (after WARMUP); ``--keep DIR`` keeps callgrind's files for
-``callgrind_annotate``.
+(after 10), the read 100 and 300 (after WARMUP); ``--keep DIR`` keeps callgrind's files for
+``callgrind_annotate``; ``--case`` picks cases by name.
+
+A change of code moves where strings land in Python's dictionaries, which alone moved a
+one-query read by up to 2% (a no-op session listener cost more than the real one). So
+``--seeds 0,1,2`` runs each variant under each ``PYTHONHASHSEED`` and reports the mean and the
+range; the checkouts are linked at fixed paths, so a run repeats.
 
 Usage (needs valgrind and strace: ``apt-get install valgrind strace``)::
 
@@ -87,7 +92,7 @@ class Case(t.NamedTuple):
 
 NPLUSONE_APP = "benchmarks.nplusone_app"
 NPLUSONE_CASES: dict[str, Case] = {
-    "one-query read": Case("/notes/{id}", 200, 600, WARMUP),
+    "one-query read": Case("/notes/{id}", 100, 300, WARMUP),
     "50 SELECTs, one shape": Case("/bench/selects", 5, 20, 10),
     "50 lazy loads (51 statements)": Case("/bench/lazy", 5, 20, 10),
 }
@@ -213,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", help="--nplusone: a checkout from before detection")
     parser.add_argument("--after", help="--nplusone: the checkout measured (default: this one)")
     parser.add_argument("--keep", help="--nplusone: keep callgrind's files in this directory")
+    parser.add_argument("--case", action="append", help="--nplusone: only these cases")
+    parser.add_argument("--seeds", default="0", help="--nplusone: PYTHONHASHSEEDs, e.g. 0,1,2")
     parser.add_argument("--child", nargs=2, metavar=("MODULE", "REQUESTS"), help=argparse.SUPPRESS)
     parser.add_argument("--child-cpu", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -243,7 +250,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(ROOT))
     if args.nplusone:
-        return nplusone_cost(args.before, args.after, args.keep, args.json)
+        seeds = [int(seed) for seed in args.seeds.split(",")]
+        cases = {n: c for n, c in NPLUSONE_CASES.items() if not args.case or n in args.case}
+        return nplusone_cost(cases, seeds, args.before, args.after, args.keep, args.json)
     from benchmarks.load_test import database, prepare
 
     results: dict[str, dict[str, float]] = {}
@@ -296,55 +305,73 @@ def _checkout(directory: str) -> str:
 
 
 def nplusone_cost(
-    before: str | None, after: str | None, keep: str | None, json_file: str | None
+    cases: dict[str, Case],
+    seeds: list[int],
+    before: str | None,
+    after: str | None,
+    keep: str | None,
+    json_file: str | None,
 ) -> int:
     """``--nplusone``: instructions per request of each case under each variant."""
+    import statistics
+
     from benchmarks.load_test import database, prepare
     from benchmarks.nplusone_app import seed
 
     sources = {"after": str(pathlib.Path(after or ROOT).resolve())}
     if before:
         sources["before"] = str(pathlib.Path(before).resolve())
-    for label, directory in sources.items():
+    # Only flask_neon comes from a checkout: the app, the benchmark and the rest from here. It
+    # is linked at a fixed path: a random one would move the counts from one run to the next.
+    links = pathlib.Path(tempfile.gettempdir()) / "bench-cpu-nplusone"
+    for label, directory in list(sources.items()):
         if not (pathlib.Path(directory) / "flask_neon" / "__init__.py").is_file():
             raise SystemExit(f"--{label} {directory}: no flask_neon there")
         print(f"{label}: {directory} at {_checkout(directory)}", flush=True)
+        link = links / label / "flask_neon"
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(pathlib.Path(directory) / "flask_neon")
+        sources[label] = str(link.parent)
     variants = {n: v for n, v in NPLUSONE_VARIANTS.items() if v[0] in sources}
     if keep:
         pathlib.Path(keep).mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict[str, float]] = {case: {} for case in NPLUSONE_CASES}
+    results: dict[str, dict[str, dict[str, float]]] = {case: {} for case in cases}
     with database() as (url, _), tempfile.TemporaryDirectory(prefix="bench-cpu-") as workdir:
-        # Only flask_neon comes from a checkout: the app, the benchmark and the rest from here.
-        for label, directory in list(sources.items()):
-            linked = pathlib.Path(workdir) / f"flask_neon-{label}"
-            linked.mkdir()
-            (linked / "flask_neon").symlink_to(pathlib.Path(directory) / "flask_neon")
-            sources[label] = str(linked)
         prepare(url)
         seed(url)
         base = {key: value for key, value in os.environ.items() if not key.startswith("DB_")}
-        for case, (path, small, large, warmup) in NPLUSONE_CASES.items():
+        for case, (path, small, large, warmup) in cases.items():
             for name, (checkout, extra) in variants.items():
                 env = {
                     **base,
                     "DB_URL": url,
                     "DB_PROFILE": "production",
-                    "PYTHONHASHSEED": "0",
                     PATH_ENV: path,
                     WARMUP_ENV: str(warmup),
                     SOURCE_ENV: sources[checkout],
                     **extra,
                 }
-                counts = []
-                for requests in (small, large):
-                    file = re.sub(r"\W+", "-", f"{case} {name} {requests}") + ".callgrind"
-                    counts.append(instructions(NPLUSONE_APP, requests, env, keep or workdir, file))
-                per_request = (counts[1] - counts[0]) / (large - small)
-                results[case][name] = per_request
-                print(f"{case:30} {name:20} {per_request / 1000:9.1f} k instructions", flush=True)
+                per_seed = []
+                for hash_seed in seeds:
+                    env["PYTHONHASHSEED"] = str(hash_seed)
+                    counts = []
+                    for requests in (small, large):
+                        file = f"{case} {name} {requests} seed {hash_seed}"
+                        file = re.sub(r"\W+", "-", file) + ".callgrind"
+                        counts.append(
+                            instructions(NPLUSONE_APP, requests, env, keep or workdir, file)
+                        )
+                    per_seed.append((counts[1] - counts[0]) / (large - small))
+                mean = statistics.fmean(per_seed)
+                results[case][name] = {"mean": mean, "min": min(per_seed), "max": max(per_seed)}
+                spread = f"({min(per_seed) / 1000:.1f} - {max(per_seed) / 1000:.1f})"
+                print(
+                    f"{case:30} {name:20} {mean / 1000:9.1f} k instructions {spread}", flush=True
+                )
             for name, reference in NPLUSONE_RATIOS:
                 if name in results[case] and reference in results[case]:
-                    ratio = results[case][name] / results[case][reference]
+                    ratio = results[case][name]["mean"] / results[case][reference]["mean"]
                     print(f"{case:30} {name} / {reference}: {ratio:.4f} ({ratio - 1:+.2%})")
     if json_file:
         pathlib.Path(json_file).write_text(json.dumps(results, indent=2))
