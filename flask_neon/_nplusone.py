@@ -107,8 +107,9 @@ class Recorder:
 
     __slots__ = ("endpoint", "findings", "lazy", "pending", "shapes", "statements")
 
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
+    def __init__(self) -> None:
+        #: Named at the first finding (most requests have none: reading it costs).
+        self.endpoint: str | None = None
         self.statements = 0
         self.shapes: dict[str, int] = {}
         #: Lazy loads by relationship path.
@@ -166,7 +167,7 @@ class Detector:
         values = app_context_values()
         found: Recorder | None = values.get(KEY)
         if found is None:
-            found = values[KEY] = Recorder(_endpoint())
+            found = values[KEY] = Recorder()
         return found
 
     def statement(self, sql: str) -> None:
@@ -228,6 +229,8 @@ class Detector:
     def _found(
         self, recorder: Recorder, kind: str, key: str, pattern: str, count: int, fix: str
     ) -> None:
+        if recorder.endpoint is None:
+            recorder.endpoint = _endpoint()
         finding = Finding(kind, pattern, count, _application_frame(), fix, recorder.endpoint)
         recorder.findings[key] = finding
         if self.mode == "raise":
@@ -298,7 +301,8 @@ def install(engines: t.Iterable[sa.Engine], detector: Detector) -> None:
 
 
 def _lazy_load(state: orm.ORMExecuteState) -> None:
-    if state.is_relationship_load and state.lazy_loaded_from is not None and has_app_context():
+    # lazy_loaded_from first: the cheapest test, and None for all but lazy loads.
+    if state.lazy_loaded_from is not None and state.is_relationship_load and has_app_context():
         detector = Detector.recorder_app()
         if detector is not None and detector.patterns:
             detector.lazy_load(state)
