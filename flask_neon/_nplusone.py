@@ -270,6 +270,10 @@ def _application_frame() -> str:
     """The innermost frame of the application's own code: ``path:line in function``."""
     frame = sys._getframe(1)
     while frame is not None:
+        template = frame.f_globals.get("__jinja_template__")
+        if template is not None:  # Jinja's compiled code: the template's own line
+            line = template.get_corresponding_lineno(frame.f_lineno)
+            return f"{template.filename or template.name or '<template>'}:{line} (a template)"
         module = frame.f_globals.get("__name__", "")
         if module.split(".", 1)[0] not in _LIBRARIES:
             code = frame.f_code
