@@ -2,8 +2,8 @@
 
 The app is the Flask-SQLAlchemy blog of the compatibility tests (``blog_app`` in
 ``tests/test_flask_sqlalchemy_compat.py``: users, posts, tags many-to-many), with the views
-``tests/test_nplusone.py`` adds to it (``build_blog``, repeated in :func:`add_views` for any
-``db``: that one builds a ``NeonDB``) and its data (6 users, 4 posts each, one tag):
+``tests/test_nplusone.py`` adds to it (its ``add_views``, for either library) and its data
+(6 users, 4 posts each, one tag):
 
 * ``/n1/posts``: 24 posts, each post's author and tags loaded lazily (1 + 6 + 24 statements);
 * ``/fixed/posts``: the same with ``joinedload(author)`` and ``selectinload(tags)`` (2);
@@ -29,7 +29,7 @@ Run it from a virtualenv that has the tools, never the project's own::
 
     python3 -m venv /tmp/compare-venv
     /tmp/compare-venv/bin/pip install -e . flask-sqlalchemy nplusone flask-debugtoolbar \\
-        sqltap pytest          # pytest: tests/test_flask_sqlalchemy_compat.py imports it
+        sqltap pytest prometheus-client  # the tests it imports views from need these
     BENCH_DB_URL=postgresql://postgres@127.0.0.1:5432/test \\
         /tmp/compare-venv/bin/python benchmarks/compare_nplusone_tools.py --json out.json
 
@@ -59,7 +59,6 @@ from collections.abc import Callable, Iterator
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VIEWS = ("/n1/posts", "/fixed/posts", "/n1/users", "/fixed/users", "/n1/template", "/loop")
-USERS, POSTS_EACH = 6, 4
 
 #: name -> (the distributions it needs, the library it runs on)
 TOOLS: dict[str, tuple[tuple[str, ...], str]] = {
@@ -86,59 +85,6 @@ Report = dict[str, t.Any]
 
 
 # -- the app ---------------------------------------------------------------------------------
-
-
-def add_views(app: t.Any, db: t.Any) -> None:
-    """``tests/test_nplusone.py``'s ``build_blog`` views and data, for any ``db``."""
-    import sqlalchemy as sa
-    from flask import render_template_string
-    from sqlalchemy import orm
-
-    models = {mapper.class_.__name__: mapper.class_ for mapper in db.Model.registry.mappers}
-    user, post = models["User"], models["BlogPost"]
-
-    @app.get("/n1/posts")
-    def posts_lazily() -> dict[str, t.Any]:
-        posts = db.session.scalars(sa.select(post).order_by(post.id))
-        return {"posts": [[p.title, p.author.name, [t.name for t in p.tags]] for p in posts]}
-
-    @app.get("/fixed/posts")
-    def posts_eagerly() -> dict[str, t.Any]:
-        query = sa.select(post).order_by(post.id)
-        query = query.options(orm.joinedload(post.author), orm.selectinload(post.tags))
-        posts = db.session.scalars(query).unique()
-        return {"posts": [[p.title, p.author.name, [t.name for t in p.tags]] for p in posts]}
-
-    @app.get("/n1/users")
-    def users_lazily() -> dict[str, t.Any]:
-        users = db.session.scalars(sa.select(user).order_by(user.id))
-        return {"users": [[u.name, len(u.posts)] for u in users]}
-
-    @app.get("/fixed/users")
-    def users_eagerly() -> dict[str, t.Any]:
-        query = sa.select(user).order_by(user.id).options(orm.selectinload(user.posts))
-        return {"users": [[u.name, len(u.posts)] for u in db.session.scalars(query)]}
-
-    @app.get("/n1/template")
-    def template() -> str:
-        posts = db.session.scalars(sa.select(post).order_by(post.id)).all()
-        return render_template_string(
-            "{% for p in posts %}{{ p.author.name }} {% endfor %}", posts=posts
-        )
-
-    @app.get("/loop")
-    def loop() -> dict[str, t.Any]:
-        ids = db.session.scalars(sa.select(user.id).order_by(user.id)).all()
-        names = [db.session.scalar(sa.select(user.name).where(user.id == i)) for i in ids]
-        return {"names": names}
-
-    with app.app_context():
-        tag = models["Tag"](name="first")
-        for number in range(USERS):
-            author = user(name=f"user {number}")
-            for index in range(POSTS_EACH):
-                db.session.add(post(title=f"{number}.{index}", author=author, tags=[tag]))
-        db.session.commit()
 
 
 def make_db(library: str, config: dict[str, t.Any]) -> t.Any:
@@ -170,6 +116,8 @@ def build(library: str, url: str, config: dict[str, t.Any]) -> tuple[t.Any, t.An
 
     db = make_db(library, config)
     app = blog_app(db, url)
+    from tests.test_nplusone import add_views
+
     add_views(app, db)
     return app, db
 

@@ -43,6 +43,13 @@ def make_blog(
 def build_blog(url: str) -> tuple[Flask, NeonDB]:
     db = NeonDB(env_file=None)
     app = blog_app(db, url)
+    add_views(app, db)
+    return app, db
+
+
+def add_views(app: Flask, db: t.Any) -> None:
+    """The listings and their data, for any ``db`` with the blog's models (NeonDB, or
+    Flask-SQLAlchemy's in ``benchmarks/compare_nplusone_tools.py``)."""
     models = {mapper.class_.__name__: mapper.class_ for mapper in db.Model.registry.mappers}
     user, post = models["User"], models["BlogPost"]
 
@@ -88,7 +95,6 @@ def build_blog(url: str) -> tuple[Flask, NeonDB]:
             for index in range(POSTS_EACH):
                 db.session.add(post(title=f"{number}.{index}", author=author, tags=[tag]))
         db.session.commit()
-    return app, db
 
 
 @pytest.fixture
