@@ -125,29 +125,23 @@ def raw_psycopg(url: str) -> Flask:
     for _ in range(5):
         pool.put(psycopg.connect(_psycopg2_dsn(url)))
 
-    @app.get("/select1")
-    def select1() -> str:
+    def one_row(sql: str, params: tuple[object, ...] = ()) -> tuple[object, ...]:
         connection = pool.get()
         try:
-            row = connection.execute("SELECT 1").fetchone()
+            row = connection.execute(sql, params).fetchone()
             connection.rollback()
         finally:
             pool.put(connection)
         assert row is not None
-        return str(row[0])
+        return row
+
+    @app.get("/select1")
+    def select1() -> str:
+        return str(one_row("SELECT 1")[0])
 
     @app.get("/get")
     def get() -> str:
-        connection = pool.get()
-        try:
-            row = connection.execute(
-                "SELECT id, title FROM bench_notes WHERE id = %s", (1,)
-            ).fetchone()
-            connection.rollback()
-        finally:
-            pool.put(connection)
-        assert row is not None
-        return str(row[1])
+        return str(one_row("SELECT id, title FROM bench_notes WHERE id = %s", (1,))[1])
 
     @app.get("/nodb")
     def nodb() -> str:

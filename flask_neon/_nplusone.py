@@ -31,6 +31,7 @@ from sqlalchemy.orm import RelationshipDirection
 
 from ._context import app_context_values
 from ._errors import NeonError
+from ._session import RoutingSession
 from ._timing import NPLUSONE_KEY
 from ._transactions import observe
 
@@ -299,14 +300,17 @@ def install(engines: t.Iterable[sa.Engine], detector: Detector) -> None:
         observe(engine, detector.statement)
     with _listening:
         if not _installed:
-            # On every Session: the test plugin makes sessions of its own maker.
-            event.listen(orm.Session, "do_orm_execute", _lazy_load)
+            # On flask-neon's session class (the test plugin's maker uses it too), not on
+            # every Session: another library's sessions in the process would pay for it.
+            event.listen(RoutingSession, "do_orm_execute", _lazy_load)
             _installed.append(True)
 
 
 def _lazy_load(state: orm.ORMExecuteState) -> None:
-    # lazy_loaded_from first: the cheapest test, and None for all but lazy loads.
-    if state.lazy_loaded_from is not None and state.is_relationship_load and has_app_context():
+    # A SELECT whose lazy_loaded_from is set is a lazy load (is_relationship_load would also
+    # compile the statement's options first: dearer). Not lazy_loaded_from alone: SQLAlchemy
+    # raises for it on any other statement.
+    if state.is_select and state.lazy_loaded_from is not None and has_app_context():
         detector = Detector.recorder_app()
         if detector is not None and detector.patterns:
             detector.lazy_load(state)

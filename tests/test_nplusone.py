@@ -15,6 +15,7 @@ from flask import Flask, render_template_string
 from sqlalchemy import orm
 
 from flask_neon import NeonDB, NPlusOneError
+from flask_neon._nplusone import _lazy_load
 from flask_neon._transactions import _openers
 from flask_neon.testing import round_trips
 
@@ -153,6 +154,39 @@ def test_a_repeated_statement_is_named_by_its_text_and_line(
             db.engine.dispose()
 
 
+@pytest.mark.parametrize("mode", ["warn", "count", "raise"])
+def test_every_kind_of_statement_runs_under_detection(
+    make_blog: t.Callable[..., tuple[Flask, NeonDB]], mode: str
+) -> None:
+    """Text, DML and DDL through the session, the ORM's unit of work, Core on a connection:
+    detection only looks (SQLAlchemy raises when a non-SELECT's load options are read)."""
+    app, db = make_blog(DB_NPLUSONE=mode, DB_METRICS=mode == "count")
+
+    @app.post("/mixed")
+    def mixed() -> dict[str, t.Any]:
+        session = db.session
+        one = session.execute(sa.text("SELECT 1")).scalar()
+        session.execute(sa.text("CREATE TEMP TABLE scratch (n int)"))
+        session.execute(sa.text("INSERT INTO scratch VALUES (:n)"), [{"n": 1}, {"n": 2}])
+        session.execute(sa.text("UPDATE scratch SET n = n + 1"))
+        session.execute(sa.text("DELETE FROM scratch WHERE n = 3"))
+        left = session.execute(sa.text("SELECT count(*) FROM scratch")).scalar()
+        models = {m.class_.__name__: m.class_ for m in db.Model.registry.mappers}
+        session.add(models["User"](name="new"))
+        session.flush()
+        rows = session.connection().execute(sa.text("SELECT 2")).scalar()
+        session.rollback()
+        return {"values": [one, left, rows]}
+
+    try:
+        reply = app.test_client().post("/mixed")
+        assert reply.status_code == 200, reply.text
+        assert reply.json == {"values": [1, 1, 2]}
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
 def test_a_lazy_load_in_a_template_points_at_the_template(
     make_blog: t.Callable[..., tuple[Flask, NeonDB]], warnings_of: t.Callable[[], list[str]]
 ) -> None:
@@ -247,6 +281,23 @@ def test_off_installs_nothing(make_blog: t.Callable[..., tuple[Flask, NeonDB]]) 
             assert db.state().nplusone is None
             assert _openers[db.engine.dialect].observer is None
         assert app.test_client().get("/n1/posts").status_code == 200
+    finally:
+        with app.app_context():
+            db.engine.dispose()
+
+
+def test_other_libraries_sessions_pay_nothing(
+    make_blog: t.Callable[..., tuple[Flask, NeonDB]],
+) -> None:
+    """The lazy-load listener is on flask-neon's session class only: a plain Session (another
+    library's, in the same process) gets no do_orm_execute listener from flask-neon."""
+    app, db = make_blog(DB_NPLUSONE="warn")
+    try:
+        assert app.test_client().get("/fixed/posts").status_code == 200
+        with app.app_context():
+            assert list(db.session.dispatch.do_orm_execute) == [_lazy_load]
+            with orm.Session(db.engine) as plain:
+                assert not plain.dispatch.do_orm_execute
     finally:
         with app.app_context():
             db.engine.dispose()
