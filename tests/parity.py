@@ -129,12 +129,20 @@ NOTICE_FIELDS = (
 )
 
 
+#: What PgBouncer tells a client whose server connection the server closed (FATAL 08P01). It
+#: comes after the server's own error; whether the client has read it before it stops reading
+#: the closed connection is a matter of timing, on either connection.
+PGBOUNCER_CRASHED = "server conn crashed?"
+
+
 def watch_notices(connection: t.Any) -> None:
     """Collect a psycopg 3 connection's notices through ``add_notice_handler`` (from connect)."""
     received: list[tuple[t.Any, ...]] = []
     NOTICES[connection] = received
 
     def handler(diagnostic: psycopg.errors.Diagnostic) -> None:
+        if diagnostic.message_primary == PGBOUNCER_CRASHED:
+            return  # PgBouncer's, after a session the server ended: its arrival is timing
         received.append(
             tuple(_anonymous_value(getattr(diagnostic, name)) for name in NOTICE_FIELDS)
         )
@@ -269,7 +277,9 @@ class Out:
         attributes["isolation_level"] = _read(lambda: connection.isolation_level)
         attributes["transaction_status"] = _read(connection.get_transaction_status)
         attributes["encoding"] = _read(lambda: connection.encoding)
-        attributes["notices"] = _read(lambda: [n.strip() for n in connection.notices])
+        attributes["notices"] = _read(
+            lambda: [n.strip() for n in connection.notices if PGBOUNCER_CRASHED not in n]
+        )
         self.events.append((label, "state", attributes))
 
     def _psycopg3_state(self, connection: t.Any) -> dict[str, t.Any]:
