@@ -50,6 +50,18 @@ class Driver(t.Protocol):
     def green(self) -> bool: ...
 
 
+def begin_statement(isolation: str | None, read_only: bool | None, deferrable: bool | None) -> str:
+    """The ``BEGIN`` a driver sends for its session characteristics (None: the server's)."""
+    parts = ["BEGIN"]
+    if isolation is not None:
+        parts.append(f"ISOLATION LEVEL {isolation}")
+    if read_only is not None:
+        parts.append("READ ONLY" if read_only else "READ WRITE")
+    if deferrable is not None:
+        parts.append("DEFERRABLE" if deferrable else "NOT DEFERRABLE")
+    return " ".join(parts)
+
+
 _MODULES = {"psycopg2": "psycopg2", "psycopg": "psycopg"}
 #: What to install for each driver.
 _EXTRAS = {"psycopg2": "flask-neon[psycopg2]", "psycopg": "flask-neon[psycopg]"}

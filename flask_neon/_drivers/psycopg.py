@@ -37,6 +37,7 @@ from psycopg.rows import tuple_row
 
 from .._liveness import wait_readable, wait_writable
 from . import _psycopg_wire as _wire
+from . import begin_statement
 
 name = "psycopg"
 
@@ -122,14 +123,9 @@ def green() -> bool:
 
 def _begin_sql(connection: psycopg.Connection[t.Any]) -> str:
     # The BEGIN psycopg would send, from its own session characteristics.
-    parts = ["BEGIN"]
-    if connection.isolation_level is not None:
-        parts.append(f"ISOLATION LEVEL {connection.isolation_level.name.replace('_', ' ')}")
-    if connection.read_only is not None:
-        parts.append("READ ONLY" if connection.read_only else "READ WRITE")
-    if connection.deferrable is not None:
-        parts.append("DEFERRABLE" if connection.deferrable else "NOT DEFERRABLE")
-    return " ".join(parts)
+    level = connection.isolation_level
+    isolation = level.name.replace("_", " ") if level is not None else None
+    return begin_statement(isolation, connection.read_only, connection.deferrable)
 
 
 def begin_then(

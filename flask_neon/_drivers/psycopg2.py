@@ -29,6 +29,7 @@ import psycopg2.extensions as ext  # type: ignore[import-untyped]
 
 from .._liveness import wait_readable
 from . import _psycopg2_c as c
+from . import begin_statement
 
 name = "psycopg2"
 
@@ -121,15 +122,8 @@ def green() -> bool:
 
 def _begin_sql(connection: t.Any) -> str:
     # The BEGIN psycopg2 would send, built from its own validated session characteristics.
-    parts = ["BEGIN"]
-    level = connection.isolation_level
-    if level in _ISOLATION:
-        parts.append(f"ISOLATION LEVEL {_ISOLATION[level]}")
-    if connection.readonly is not None:
-        parts.append("READ ONLY" if connection.readonly else "READ WRITE")
-    if connection.deferrable is not None:
-        parts.append("DEFERRABLE" if connection.deferrable else "NOT DEFERRABLE")
-    return " ".join(parts)
+    isolation = _ISOLATION.get(connection.isolation_level)
+    return begin_statement(isolation, connection.readonly, connection.deferrable)
 
 
 def begin_then(
